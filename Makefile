@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make demo   set up .venv, then personalize a synthetic demo identity on a tiny base EG3D (CPU, minutes)
+#   make test   set up .venv, then run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	@echo "==> creating virtual environment in $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	@echo "==> installing pinned dependencies (requirements.txt, requirements-dev.txt)"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	@echo "==> installing this project in editable mode"
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+demo: setup
+	@echo "==> running the demo: eg3d/demo.py"
+	$(PY) eg3d/demo.py
+
+test: setup
+	@echo "==> running the test suite"
+	$(PY) -m pytest tests -q
+
+clean-demo:
+	rm -rf networks/demo-base.pkl datasets/demo runs/demo
