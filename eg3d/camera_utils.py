@@ -1,0 +1,108 @@
+"""Camera poses and intrinsics in the EG3D label format (cam2world 4x4 + normalised intrinsics 3x3).
+
+World frame: y up. Angles: `horizontal` is the azimuth (rotation about y), `vertical` the polar
+angle from +y; (pi/2, pi/2) puts the camera on the +z axis looking back at the target. The
+cam2world matrices use the OpenCV camera convention (camera looks along its +z, y down).
+
+The samplers draw their angle noise from the global torch RNG even when the stddevs are zero
+(two draws of [batch_size, 1]), as the official code does, so seeded scripts consume the same
+random stream.
+"""
+
+import math
+
+import torch
+
+from training.volumetric_rendering import math_utils
+
+
+def _orbit_origins(h: torch.Tensor, v: torch.Tensor, radius: float) -> torch.Tensor:
+    """Camera centres on a sphere of `radius` around the origin for azimuth h, polar angle v ([B, 1] each).
+
+    The polar angle is clamped away from the poles and remapped through arccos(1 - 2 v/pi), which
+    makes uniformly drawn v uniform in area on the sphere.
+    """
+    v = torch.clamp(v, 1e-5, math.pi - 1e-5)
+    phi = torch.arccos(1 - 2 * (v / math.pi))
+    origins = torch.zeros((h.shape[0], 3), device=h.device)
+    origins[:, 0:1] = radius * torch.sin(phi) * torch.cos(math.pi - h)
+    origins[:, 2:3] = radius * torch.sin(phi) * torch.sin(math.pi - h)
+    origins[:, 1:2] = radius * torch.cos(phi)
+    return origins
+
+
+class GaussianCameraPoseSampler:
+    """Yaw/pitch ~ Normal(mean, stddev), camera looking at the origin.
+
+    Example: camera at [0, 0, 1] looking at the origin:
+    `GaussianCameraPoseSampler.sample(math.pi/2, math.pi/2, radius=1)`.
+    """
+
+    @staticmethod
+    def sample(horizontal_mean, vertical_mean, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
+        h = torch.randn((batch_size, 1), device=device) * horizontal_stddev + horizontal_mean
+        v = torch.randn((batch_size, 1), device=device) * vertical_stddev + vertical_mean
+        origins = _orbit_origins(h, v, radius)
+        return create_cam2world_matrix(math_utils.normalize_vecs(-origins), origins)
+
+
+class LookAtPoseSampler:
+    """Like GaussianCameraPoseSampler, but the camera looks at `lookat_position` (a 3-vector);
+    the orbit itself stays centred at the origin.
+
+    Example: `LookAtPoseSampler.sample(math.pi/2, math.pi/2, torch.tensor([0, 0, 0]), radius=1)`.
+    """
+
+    @staticmethod
+    def sample(horizontal_mean, vertical_mean, lookat_position, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
+        h = torch.randn((batch_size, 1), device=device) * horizontal_stddev + horizontal_mean
+        v = torch.randn((batch_size, 1), device=device) * vertical_stddev + vertical_mean
+        origins = _orbit_origins(h, v, radius)
+        return create_cam2world_matrix(math_utils.normalize_vecs(lookat_position - origins), origins)
+
+
+class UniformCameraPoseSampler:
+    """Like GaussianCameraPoseSampler, but yaw/pitch ~ Uniform(mean - stddev, mean + stddev).
+
+    Example: 16 cameras with yaw in [-pi/2, pi/2] around the front view:
+    `UniformCameraPoseSampler.sample(math.pi/2, math.pi/2, horizontal_stddev=math.pi/2, batch_size=16)`.
+    """
+
+    @staticmethod
+    def sample(horizontal_mean, vertical_mean, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
+        h = (torch.rand((batch_size, 1), device=device) * 2 - 1) * horizontal_stddev + horizontal_mean
+        v = (torch.rand((batch_size, 1), device=device) * 2 - 1) * vertical_stddev + vertical_mean
+        origins = _orbit_origins(h, v, radius)
+        return create_cam2world_matrix(math_utils.normalize_vecs(-origins), origins)
+
+
+def create_cam2world_matrix(forward_vector: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """cam2world [B, 4, 4] for cameras at `origin` [B, 3] looking along `forward_vector` [B, 3].
+
+    No roll: the camera's x axis stays horizontal (y up in the world). The rotation columns are
+    (right, up, forward) with right = -normalize(world_up x forward).
+    """
+    forward_vector = math_utils.normalize_vecs(forward_vector)
+    world_up = torch.tensor([0, 1, 0], dtype=torch.float, device=origin.device).expand_as(forward_vector)
+    right_vector = -math_utils.normalize_vecs(torch.cross(world_up, forward_vector, dim=-1))
+    up_vector = math_utils.normalize_vecs(torch.cross(forward_vector, right_vector, dim=-1))
+
+    B = forward_vector.shape[0]
+    rotation = torch.eye(4, device=origin.device).unsqueeze(0).repeat(B, 1, 1)
+    rotation[:, :3, :3] = torch.stack((right_vector, up_vector, forward_vector), dim=-1)
+    translation = torch.eye(4, device=origin.device).unsqueeze(0).repeat(B, 1, 1)
+    translation[:, :3, 3] = origin
+    cam2world = translation @ rotation
+    assert cam2world.shape[1:] == (4, 4)
+    return cam2world
+
+
+def FOV_to_intrinsics(fov_degrees: float, device='cpu') -> torch.Tensor:
+    """Normalised 3x3 intrinsics (principal point at the image centre) for a field of view in degrees.
+
+    The constants 3.14159 and 1.414 are the official approximations of pi and sqrt(2), kept so
+    that values match the official scripts (18.837 degrees -> focal length 4.2634, close to the
+    4.2647 of the FFHQ/AFHQ dataset labels).
+    """
+    focal_length = float(1 / (math.tan(fov_degrees * 3.14159 / 360) * 1.414))
+    return torch.tensor([[focal_length, 0, 0.5], [0, focal_length, 0.5], [0, 0, 1]], device=device)
