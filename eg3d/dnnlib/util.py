@@ -1,0 +1,367 @@
+"""Miscellaneous helpers: attribute dicts, a stdout/stderr tee, lookup of objects by
+dotted name, and opening local files or (cached) URLs.
+
+Names and meaning follow the official StyleGAN/EG3D `dnnlib.util`, so configuration
+strings such as `class_name='training.triplane.TriPlaneGenerator'` work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib
+import io
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from contextvars import ContextVar
+from typing import Any, BinaryIO, Optional, Tuple, Union
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------
+# Attribute dict and logger.
+
+class EasyDict(dict):
+    """A dict whose items can also be read and written as attributes (`d.key`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Logger:
+    """Tee stdout and stderr into an optional log file, flushing after each write.
+
+    While the logger is open, `sys.stdout` and `sys.stderr` point to it; everything written
+    to either goes to the original stdout and, if `file_name` is given, to that file.
+    `close()` (or leaving the `with` block) restores the original streams.
+    """
+
+    def __init__(self, file_name: Optional[str] = None, file_mode: str = 'w', should_flush: bool = True):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self) -> 'Logger':
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        self.close()
+
+    def write(self, text: Union[str, bytes]) -> None:
+        if isinstance(text, bytes):
+            text = text.decode()
+        if len(text) == 0:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Flush, close the file and restore the streams (only those still pointing here)."""
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ----------------------------------------------------------------------------
+# Cache directory.
+
+_dnnlib_cache_dir: Optional[str] = None
+
+
+def set_cache_dir(path: Optional[str]) -> None:
+    global _dnnlib_cache_dir
+    _dnnlib_cache_dir = path
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Path inside the cache dir: `set_cache_dir()`, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    if _dnnlib_cache_dir is not None:
+        return os.path.join(_dnnlib_cache_dir, *paths)
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    if 'HOME' in os.environ:
+        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
+    if 'USERPROFILE' in os.environ:
+        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
+    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+
+
+# ----------------------------------------------------------------------------
+# Small helpers.
+
+def format_time(seconds: Union[int, float]) -> str:
+    """Human-readable duration: '42s', '3m 07s', '2h 05m 09s', '1d 03h 20m'."""
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m'
+
+
+def format_time_brief(seconds: Union[int, float]) -> str:
+    """Like `format_time` but with only the two largest units."""
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02}m'
+    return f'{s // 86400}d {(s // 3600) % 24:02}h'
+
+
+def tuple_product(t: Tuple) -> Any:
+    result = 1
+    for v in t:
+        result *= v
+    return result
+
+
+def is_pickleable(obj: Any) -> bool:
+    try:
+        with io.BytesIO() as stream:
+            pickle.dump(obj, stream)
+        return True
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------
+# Looking up objects by dotted name.
+
+def get_obj_from_module(module: types.ModuleType, obj_name: str) -> Any:
+    """Follow the dotted attribute path `obj_name` starting at `module`."""
+    if obj_name == '':
+        return module
+    obj = module
+    for part in obj_name.split('.'):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_module_from_obj_name(obj_name: str) -> Tuple[types.ModuleType, str]:
+    """Split a dotted name into (imported module, attribute path inside it).
+
+    Tries the longest importable module prefix first. Shorthands 'np.' and 'tf.' are expanded.
+    An error raised while importing an existing module is propagated (not masked).
+    """
+    obj_name = re.sub('^np\\.', 'numpy.', obj_name)
+    obj_name = re.sub('^tf\\.', 'tensorflow.', obj_name)
+    parts = obj_name.split('.')
+    candidates = [('.'.join(parts[:i]), '.'.join(parts[i:])) for i in range(len(parts), 0, -1)]
+
+    for module_name, local_name in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only "this very module does not exist" means: try a shorter prefix.
+            if e.name is not None and module_name != e.name and not module_name.startswith(e.name + '.'):
+                raise
+            continue
+        try:
+            get_obj_from_module(module, local_name)
+        except AttributeError:
+            continue
+        return module, local_name
+    raise ImportError(f'Cannot find a Python object named "{obj_name}"')
+
+
+_name_lookup_guard: ContextVar = ContextVar('dnnlib_name_lookup_guard', default=None)
+
+
+@contextlib.contextmanager
+def restrict_name_lookup(guard):
+    """Within the block, `get_obj_by_name` (and so `construct_class_by_name`) first calls
+    `guard(name)`, which raises to refuse a name. Used while building networks from untrusted
+    pickled arguments, so that those arguments cannot name arbitrary callables."""
+    token = _name_lookup_guard.set(guard)
+    try:
+        yield
+    finally:
+        _name_lookup_guard.reset(token)
+
+
+def get_obj_by_name(name: str) -> Any:
+    """The Python object with the given fully qualified name, e.g. 'torch.nn.Linear'."""
+    guard = _name_lookup_guard.get()
+    if guard is not None:
+        guard(name)
+    module, obj_name = get_module_from_obj_name(name)
+    return get_obj_from_module(module, obj_name)
+
+
+def call_func_by_name(*args, func_name: Optional[str] = None, **kwargs) -> Any:
+    """Look up `func_name` and call it with the remaining arguments."""
+    if func_name is None:
+        raise ValueError('call_func_by_name() needs func_name')
+    func_obj = get_obj_by_name(func_name)
+    if not callable(func_obj):
+        raise TypeError(f'"{func_name}" is not callable')
+    return func_obj(*args, **kwargs)
+
+
+def construct_class_by_name(*args, class_name: Optional[str] = None, **kwargs) -> Any:
+    """Look up `class_name` and construct it with the remaining arguments."""
+    if class_name is None:
+        raise ValueError('construct_class_by_name() needs class_name')
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+def get_module_dir_by_obj_name(obj_name: str) -> str:
+    import inspect
+    module, _ = get_module_from_obj_name(obj_name)
+    return os.path.dirname(inspect.getfile(module))
+
+
+def is_top_level_function(obj: Any) -> bool:
+    return callable(obj) and obj.__name__ in sys.modules[obj.__module__].__dict__
+
+
+def get_top_level_function_name(obj: Any) -> str:
+    if not is_top_level_function(obj):
+        raise ValueError(f'{obj!r} is not a top-level function')
+    module = obj.__module__
+    if module == '__main__':
+        module = os.path.splitext(os.path.basename(sys.modules[module].__file__))[0]
+    return module + '.' + obj.__name__
+
+
+# ----------------------------------------------------------------------------
+# Files and URLs.
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    """True for 'scheme://host.domain/...' strings (and file:// if allowed)."""
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    if allow_file_urls and obj.startswith('file://'):
+        return True
+    try:
+        res = urllib.parse.urlparse(obj)
+    except ValueError:
+        return False
+    return bool(res.scheme) and bool(res.netloc) and '.' in res.netloc
+
+
+def _file_url_to_path(url: str) -> str:
+    path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if re.match(r'^/[a-zA-Z]:', path):  # file:///c:/foo -> c:/foo
+        path = path[1:]
+    return path
+
+
+def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, timeout: float = 60.0) -> Union[BinaryIO, str]:
+    """Open a local path, a file:// URL, or an http(s) URL as a binary file object.
+
+    Downloads are cached in `cache_dir` (default: `make_cache_dir_path('downloads')`) under the
+    md5 of the URL, so a second call does not touch the network. With `return_filename=True`
+    the local path is returned instead of an open file (requires `cache=True` for URLs).
+    A download that fails after `num_attempts` raises IOError naming the URL.
+    """
+    if num_attempts < 1:
+        raise ValueError('num_attempts must be >= 1')
+    if return_filename and not cache:
+        raise ValueError('return_filename=True requires cache=True')
+
+    url = os.fspath(url)
+    if not re.match('^[a-z][a-z0-9+.-]*://', url):
+        return url if return_filename else open(url, 'rb')
+    if url.startswith('file://'):
+        path = _file_url_to_path(url)
+        return path if return_filename else open(path, 'rb')
+    if not url.startswith(('http://', 'https://')):
+        raise ValueError(f'Unsupported URL scheme: {url}')
+
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    if cache:
+        cached = sorted(glob.glob(os.path.join(cache_dir, url_md5 + '_*')))
+        if cached:
+            return cached[0] if return_filename else open(cached[0], 'rb')
+
+    data = None
+    last_error: Optional[BaseException] = None
+    if verbose:
+        print(f'Downloading {url} ...', end='', flush=True)
+    for _attempt in range(num_attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as res:
+                data = res.read()
+            if len(data) == 0:
+                raise IOError('no data received')
+            break
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last_error = e
+            data = None
+    if verbose:
+        print(' done' if data is not None else ' failed')
+    if data is None:
+        raise IOError(f'Could not download {url} after {num_attempts} attempt(s): {last_error}. '
+                      f'If this machine is offline, download the file elsewhere and pass its local path.') from last_error
+
+    if cache:
+        url_name = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
+        cache_file = os.path.join(cache_dir, url_md5 + '_' + url_name)
+        temp_file = os.path.join(cache_dir, 'tmp_' + uuid.uuid4().hex + '_' + url_md5 + '_' + url_name)
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(temp_file, 'wb') as f:
+            f.write(data)
+        os.replace(temp_file, cache_file)
+        if return_filename:
+            return cache_file
+    return io.BytesIO(data)
+
+
+def copy_files_and_create_dirs(files) -> None:
+    """Copy (src, dst) pairs, creating destination directories as needed."""
+    for src, dst in files:
+        dst_dir = os.path.dirname(dst)
+        if dst_dir:
+            os.makedirs(dst_dir, exist_ok=True)
+        shutil.copyfile(src, dst)
