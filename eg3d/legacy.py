@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -44,6 +45,11 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The pickle references something the safe loader does not allow."""
 
 
+class _SkippedAugmentPipe:
+    """Stands in for the ADA `AugmentPipe` of official snapshots (e.g. AFHQ): personalization never
+    augments, so the safe loader drops it instead of building it; only valid as `data['augment_pipe']`."""
+
+
 _OPT_IN_HINT = ('If you trust this file, load it with allow_unsafe=True (command line: --trust-pickle); '
                 'that executes code stored in the pickle.')
 
@@ -54,7 +60,6 @@ _NETWORK_MODULES = (
     'training.superresolution',
     'training.triplane',
     'training.dual_discriminator',
-    'training.augment',
     'training.adapters.layers',
 )
 
@@ -147,6 +152,13 @@ def _normalize_snapshot(data: Any, file_label: Optional[str]) -> dict:
         raise ValueError(f'Network pickle{where} holds a {type(data).__name__}, expected a dict with G and G_ema.')
     for key in ('training_set_kwargs', 'augment_pipe', 'D'):
         data.setdefault(key, None)
+    if isinstance(data['augment_pipe'], _SkippedAugmentPipe):
+        warnings.warn(f'Network pickle{where}: its AugmentPipe (ADA augmentation) was not loaded; '
+                      f'personalization does not use it, so "augment_pipe" is None.')
+        data['augment_pipe'] = None
+    if _contains_skipped_augment_pipe(list(data.values())):
+        raise UnsafePickleError(f'Network pickle{where} holds an AugmentPipe outside "augment_pipe"; '
+                                f'the safe loader cannot build it. {_OPT_IN_HINT}')
     for key in ('G', 'G_ema'):
         if not isinstance(data.get(key), torch.nn.Module):
             raise ValueError(f'Network pickle{where} has no network under "{key}".')
@@ -156,6 +168,19 @@ def _normalize_snapshot(data: Any, file_label: Optional[str]) -> dict:
     if data['training_set_kwargs'] is not None and not isinstance(data['training_set_kwargs'], dict):
         raise ValueError(f'Network pickle{where}: "training_set_kwargs" must be a dict or None.')
     return data
+
+
+def _contains_skipped_augment_pipe(value: Any, _depth: int = 0) -> bool:
+    """Whether plain containers (not networks: their state is checked when rebuilt) hold a dropped AugmentPipe."""
+    if isinstance(value, _SkippedAugmentPipe):
+        return True
+    if _depth > 50:
+        return False
+    if isinstance(value, dict):
+        return any(_contains_skipped_augment_pipe(v, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_contains_skipped_augment_pipe(v, _depth + 1) for v in value)
+    return False
 
 
 def _convert_to_fp16(data: dict) -> None:
@@ -401,6 +426,8 @@ def _safe_reconstruct_persistent_obj(unpickler: _SafeUnpickler, meta: Any) -> to
     try:
         cls = persistence.find_safe_class(class_name)
     except KeyError as e:
+        if class_name == 'AugmentPipe':
+            return _SkippedAugmentPipe()
         raise unpickler.refuse(f'persistent class "{class_name}" ({e.args[0]})') from None
 
     state = meta['state']

@@ -228,6 +228,24 @@ def test_official_layout_built_with_our_classes_loads(golden_g, golden_d):
     assert torch.equal(logits, snapshot['D'](golden_d['inputs']['img'], golden_d['inputs']['c']))
 
 
+
+def test_official_ada_augment_pipe_is_dropped_with_a_warning(golden_g, golden_d, tmp_path):
+    # Official AFHQ snapshots carry an ADA AugmentPipe; personalization never augments, so the
+    # safe loader drops it (with a warning) and never runs its embedded source.
+    marker = tmp_path / 'pwned'
+    pipe = _persistent_carrier(dict(type='class', version=6, class_name='AugmentPipe',
+                                    state={'_init_args': (), '_init_kwargs': {'xflip': 1}},
+                                    module_src=f'import pathlib\npathlib.Path({str(marker)!r}).touch()\n'))
+    G = _build_G(golden_g)
+    snapshot = dict(training_set_kwargs=None, G=G, D=_build_D(golden_d), G_ema=G, augment_pipe=pipe)
+    with pytest.warns(UserWarning, match='AugmentPipe'):
+        data = legacy.load_network_pkl(io.BytesIO(_pickle_bytes(snapshot)))
+    assert data['augment_pipe'] is None and isinstance(data['G_ema'], torch.nn.Module)
+    assert not marker.exists()
+    # Anywhere else than under "augment_pipe" it is refused.
+    with pytest.raises(legacy.UnsafePickleError):
+        legacy.load_network_pkl(io.BytesIO(_pickle_bytes(dict(G=G, G_ema=G, extra={'x': pipe}))))
+
 class _MetaRecorder(pickle.Unpickler):
     """Reads a pickle, turning each persistent object into its raw meta dict (for inspection)."""
 
