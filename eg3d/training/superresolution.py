@@ -19,22 +19,35 @@ from torch_utils import persistence
 from torch_utils.ops import upfirdn2d
 from training.networks_stylegan2 import Conv2dLayer, SynthesisBlock, SynthesisLayer, ToRGBLayer
 
-#----------------------------------------------------------------------------
+_SR_W_DIM = 512  # the superresolution blocks always take 512-d ws
+
+
+def _add_sr_blocks(module, first_block_cls, channels, widths, resolutions, sr_num_fp16_res, block_kwargs):
+    """Create `module.block0` (of `first_block_cls`) and `module.block1` (an upsampling SynthesisBlock)."""
+    half = sr_num_fp16_res > 0
+    common = dict(w_dim=_SR_W_DIM, img_channels=3, use_fp16=half, conv_clamp=256 if half else None)
+    module.block0 = first_block_cls(channels, widths[0], resolution=resolutions[0], is_last=False,
+                                    **common, **block_kwargs)
+    module.block1 = SynthesisBlock(widths[0], widths[1], resolution=resolutions[1], is_last=True,
+                                   **common, **block_kwargs)
+
 
 def _resize_inputs(rgb, x, size, antialias):
     """Bilinearly resize both inputs to size x size (align_corners=False)."""
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=antialias)
-    rgb = torch.nn.functional.interpolate(rgb, size=(size, size), mode='bilinear', align_corners=False, antialias=antialias)
-    return rgb, x
+    def resize(t):
+        return torch.nn.functional.interpolate(t, size=(size, size), mode='bilinear', align_corners=False,
+                                               antialias=antialias)
+    resized_x = resize(x)
+    return resize(rgb), resized_x
 
 
 def _sr_blocks_forward(module, rgb, x, ws, block_kwargs):
-    ws = ws[:, -1:, :].repeat(1, 3, 1)
-    x, rgb = module.block0(x, rgb, ws, **block_kwargs)
-    x, rgb = module.block1(x, rgb, ws, **block_kwargs)
-    return rgb
+    # Every layer of both blocks is driven by the last w only.
+    last_w = ws[:, -1:, :].repeat(1, 3, 1)
+    h, img = module.block0(x, rgb, last_w, **block_kwargs)
+    _, img = module.block1(h, img, last_w, **block_kwargs)
+    return img
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SuperresolutionHybrid8X(torch.nn.Module):
@@ -44,22 +57,17 @@ class SuperresolutionHybrid8X(torch.nn.Module):
                  num_fp16_res=4, conv_clamp=None, channel_base=None, channel_max=None,  # ignored
                  **block_kwargs):
         super().__init__()
-        assert img_resolution == 512
-        use_fp16 = sr_num_fp16_res > 0
+        assert img_resolution == 512, f'{type(self).__name__} produces 512x512 images only'
         self.input_resolution = 128
         self.sr_antialias = sr_antialias
-        self.block0 = SynthesisBlock(channels, 128, w_dim=512, resolution=256,
-            img_channels=3, is_last=False, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.block1 = SynthesisBlock(128, 64, w_dim=512, resolution=512,
-            img_channels=3, is_last=True, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1,3,3,1]))
+        _add_sr_blocks(self, SynthesisBlock, channels, (128, 64), (256, 512), sr_num_fp16_res, block_kwargs)
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1, 3, 3, 1]))
 
     def forward(self, rgb, x, ws, **block_kwargs):
         if x.shape[-1] != self.input_resolution:
             rgb, x = _resize_inputs(rgb, x, self.input_resolution, self.sr_antialias)
         return _sr_blocks_forward(self, rgb, x, ws, block_kwargs)
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SuperresolutionHybrid4X(torch.nn.Module):
@@ -69,15 +77,11 @@ class SuperresolutionHybrid4X(torch.nn.Module):
                  num_fp16_res=4, conv_clamp=None, channel_base=None, channel_max=None,  # ignored
                  **block_kwargs):
         super().__init__()
-        assert img_resolution == 256
-        use_fp16 = sr_num_fp16_res > 0
+        assert img_resolution == 256, f'{type(self).__name__} produces 256x256 images only'
         self.sr_antialias = sr_antialias
         self.input_resolution = 128
-        self.block0 = SynthesisBlockNoUp(channels, 128, w_dim=512, resolution=128,
-            img_channels=3, is_last=False, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.block1 = SynthesisBlock(128, 64, w_dim=512, resolution=256,
-            img_channels=3, is_last=True, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1,3,3,1]))
+        _add_sr_blocks(self, SynthesisBlockNoUp, channels, (128, 64), (128, 256), sr_num_fp16_res, block_kwargs)
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1, 3, 3, 1]))
 
     def forward(self, rgb, x, ws, **block_kwargs):
         # Only smaller inputs are resized here (the others use "!=").
@@ -85,7 +89,6 @@ class SuperresolutionHybrid4X(torch.nn.Module):
             rgb, x = _resize_inputs(rgb, x, self.input_resolution, self.sr_antialias)
         return _sr_blocks_forward(self, rgb, x, ws, block_kwargs)
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SuperresolutionHybrid2X(torch.nn.Module):
@@ -95,22 +98,17 @@ class SuperresolutionHybrid2X(torch.nn.Module):
                  num_fp16_res=4, conv_clamp=None, channel_base=None, channel_max=None,  # ignored
                  **block_kwargs):
         super().__init__()
-        assert img_resolution == 128
-        use_fp16 = sr_num_fp16_res > 0
+        assert img_resolution == 128, f'{type(self).__name__} produces 128x128 images only'
         self.input_resolution = 64
         self.sr_antialias = sr_antialias
-        self.block0 = SynthesisBlockNoUp(channels, 128, w_dim=512, resolution=64,
-            img_channels=3, is_last=False, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.block1 = SynthesisBlock(128, 64, w_dim=512, resolution=128,
-            img_channels=3, is_last=True, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1,3,3,1]))
+        _add_sr_blocks(self, SynthesisBlockNoUp, channels, (128, 64), (64, 128), sr_num_fp16_res, block_kwargs)
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1, 3, 3, 1]))
 
     def forward(self, rgb, x, ws, **block_kwargs):
         if x.shape[-1] != self.input_resolution:
             rgb, x = _resize_inputs(rgb, x, self.input_resolution, self.sr_antialias)
         return _sr_blocks_forward(self, rgb, x, ws, block_kwargs)
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SuperresolutionHybridDeepfp32(torch.nn.Module):
@@ -120,21 +118,16 @@ class SuperresolutionHybridDeepfp32(torch.nn.Module):
                  num_fp16_res=4, conv_clamp=None, channel_base=None, channel_max=None,  # ignored
                  **block_kwargs):
         super().__init__()
-        assert img_resolution == 256
-        use_fp16 = sr_num_fp16_res > 0
+        assert img_resolution == 256, f'{type(self).__name__} produces 256x256 images only'
         self.input_resolution = 128
-        self.block0 = SynthesisBlockNoUp(channels, 128, w_dim=512, resolution=128,
-            img_channels=3, is_last=False, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.block1 = SynthesisBlock(128, 64, w_dim=512, resolution=256,
-            img_channels=3, is_last=True, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1,3,3,1]))
+        _add_sr_blocks(self, SynthesisBlockNoUp, channels, (128, 64), (128, 256), sr_num_fp16_res, block_kwargs)
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter([1, 3, 3, 1]))
 
     def forward(self, rgb, x, ws, **block_kwargs):
         if x.shape[-1] < self.input_resolution:
             rgb, x = _resize_inputs(rgb, x, self.input_resolution, False)
         return _sr_blocks_forward(self, rgb, x, ws, block_kwargs)
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SynthesisBlockNoUp(torch.nn.Module):
@@ -156,7 +149,7 @@ class SynthesisBlockNoUp(torch.nn.Module):
         fused_modconv_default   = True,         # fused_modconv when the caller passes None; 'inference_only' = not self.training.
         **layer_kwargs,                         # Passed on to SynthesisLayer.
     ):
-        assert architecture in ['orig', 'skip', 'resnet']
+        assert architecture in ('orig', 'skip', 'resnet'), f'unsupported architecture {architecture!r}'
         super().__init__()
         self.in_channels = in_channels
         self.w_dim = w_dim
@@ -168,77 +161,66 @@ class SynthesisBlockNoUp(torch.nn.Module):
         self.channels_last = (use_fp16 and fp16_channels_last)
         self.fused_modconv_default = fused_modconv_default
         self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
-        self.num_conv = 0
-        self.num_torgb = 0
+        makes_rgb = is_last or architecture == 'skip'
+        self.num_conv = 2 if in_channels != 0 else 1
+        self.num_torgb = int(makes_rgb)
 
+        # Both convolutions keep the resolution (no up=2 on conv0, unlike SynthesisBlock).
+        layer_args = dict(w_dim=w_dim, resolution=resolution, conv_clamp=conv_clamp, channels_last=self.channels_last)
         if in_channels == 0:
             self.const = torch.nn.Parameter(torch.randn([out_channels, resolution, resolution]))
-
-        if in_channels != 0:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution,
-                conv_clamp=conv_clamp, channels_last=self.channels_last, **layer_kwargs)
-            self.num_conv += 1
-
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution,
-            conv_clamp=conv_clamp, channels_last=self.channels_last, **layer_kwargs)
-        self.num_conv += 1
-
-        if is_last or architecture == 'skip':
-            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim,
-                conv_clamp=conv_clamp, channels_last=self.channels_last)
-            self.num_torgb += 1
-
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, **layer_args, **layer_kwargs)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, **layer_args, **layer_kwargs)
+        if makes_rgb:
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp,
+                                    channels_last=self.channels_last)
         if in_channels != 0 and architecture == 'resnet':
             # As in the official code this skip layer upsamples (up=2), which does not match the
             # no-upsampling main path; the resnet architecture is never used with this block.
             self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2,
-                resample_filter=resample_filter, channels_last=self.channels_last)
+                                    resample_filter=resample_filter, channels_last=self.channels_last)
 
     def forward(self, x, img, ws, force_fp32=False, fused_modconv=None, update_emas=False, **layer_kwargs):
-        _ = update_emas  # accepted for interface compatibility
+        del update_emas  # part of the common block interface; nothing to update here
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
-        w_iter = iter(ws.unbind(dim=1))
-        if ws.device.type != 'cuda':
-            force_fp32 = True  # float16 only on CUDA, as in the official code
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        fp32 = force_fp32 or ws.device.type != 'cuda'  # float16 only ever runs on CUDA
+        dtype = torch.float32 if (fp32 or not self.use_fp16) else torch.float16
+        layout = torch.channels_last if (self.channels_last and not fp32) else torch.contiguous_format
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == 'inference_only':
-            fused_modconv = (not self.training)
+            fused_modconv = not self.training
+        kwargs = dict(fused_modconv=fused_modconv, **layer_kwargs)
+        remaining_ws = list(ws.unbind(dim=1))  # consumed front to back: [conv0,] conv1, torgb
 
         if self.in_channels == 0:
-            x = self.const.to(dtype=dtype, memory_format=memory_format)
-            x = x.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            h = self.const.to(dtype=dtype, memory_format=layout).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            h = self.conv1(h, remaining_ws.pop(0), **kwargs)
         else:
             misc.assert_shape(x, [None, self.in_channels, self.resolution, self.resolution])
-            x = x.to(dtype=dtype, memory_format=memory_format)
+            h = x.to(dtype=dtype, memory_format=layout)
+            shortcut = self.skip(h, gain=np.sqrt(0.5)) if self.architecture == 'resnet' else None
+            h = self.conv0(h, remaining_ws.pop(0), **kwargs)
+            if shortcut is None:
+                h = self.conv1(h, remaining_ws.pop(0), **kwargs)
+            else:
+                h = shortcut.add_(self.conv1(h, remaining_ws.pop(0), gain=np.sqrt(0.5), **kwargs))
 
-        if self.in_channels == 0:
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-        elif self.architecture == 'resnet':
-            y = self.skip(x, gain=np.sqrt(0.5))
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, gain=np.sqrt(0.5), **layer_kwargs)
-            x = y.add_(x)
-        else:
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-
-        # The skip image is at this block's resolution already: add toRGB to it directly.
+        # The skip image is at this block's resolution already: add toRGB to it directly. Out of
+        # place (the official code adds in place): the caller's image is a view of the feature image
+        # that conv0 saved for backward, so an in-place add breaks training at the SR input resolution.
         if self.is_last or self.architecture == 'skip':
-            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
-            y = y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            img = img.add_(y) if img is not None else y
+            rgb = self.torgb(h, remaining_ws.pop(0), fused_modconv=fused_modconv)
+            rgb = rgb.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            img = rgb if img is None else img + rgb
 
-        assert x.dtype == dtype
-        assert img is None or img.dtype == torch.float32
-        return x, img
+        assert h.dtype == dtype and (img is None or img.dtype == torch.float32)
+        return h, img
 
     def extra_repr(self):
         return f'resolution={self.resolution:d}, architecture={self.architecture:s}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SuperresolutionHybrid8XDC(torch.nn.Module):
@@ -249,18 +231,12 @@ class SuperresolutionHybrid8XDC(torch.nn.Module):
                  num_fp16_res=4, conv_clamp=None, channel_base=None, channel_max=None,  # ignored
                  **block_kwargs):
         super().__init__()
-        assert img_resolution == 512
-        use_fp16 = sr_num_fp16_res > 0
+        assert img_resolution == 512, f'{type(self).__name__} produces 512x512 images only'
         self.input_resolution = 128
         self.sr_antialias = sr_antialias
-        self.block0 = SynthesisBlock(channels, 256, w_dim=512, resolution=256,
-            img_channels=3, is_last=False, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
-        self.block1 = SynthesisBlock(256, 128, w_dim=512, resolution=512,
-            img_channels=3, is_last=True, use_fp16=use_fp16, conv_clamp=(256 if use_fp16 else None), **block_kwargs)
+        _add_sr_blocks(self, SynthesisBlock, channels, (256, 128), (256, 512), sr_num_fp16_res, block_kwargs)
 
     def forward(self, rgb, x, ws, **block_kwargs):
         if x.shape[-1] != self.input_resolution:
             rgb, x = _resize_inputs(rgb, x, self.input_resolution, self.sr_antialias)
         return _sr_blocks_forward(self, rgb, x, ws, block_kwargs)
-
-#----------------------------------------------------------------------------

@@ -136,16 +136,17 @@ def test_only_last_w_is_used():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_rgb_input_is_added_to_in_place_when_not_resized():
-    # Official quirk kept: at the input resolution, SynthesisBlockNoUp adds its toRGB output
-    # to the caller's `rgb` tensor in place (it is not resampled first).
+def test_backward_works_when_rgb_is_a_view_of_the_features_at_input_resolution():
+    # TriPlaneGenerator passes `feature_image[:, :3]` as rgb; at the SR input resolution it is not
+    # resampled, so an in-place add into it would invalidate what conv0 saved for backward.
     m = _build(sr.SuperresolutionHybrid2X, 128).eval()
-    x = torch.randn(1, 8, 64, 64)
-    rgb = x[:, :3].clone()
-    before = rgb.clone()
-    with torch.no_grad():
-        m(rgb, x, torch.randn(1, 1, 512), noise_mode='none')
-    assert not torch.equal(rgb, before)
+    x = torch.randn(1, 8, 64, 64, requires_grad=True)
+    rgb = x[:, :3]
+    before = rgb.detach().clone()
+    out = m(rgb, x, torch.randn(1, 1, 512), noise_mode='none')
+    out.square().sum().backward()
+    assert torch.equal(rgb.detach(), before)
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad[:, :3].abs().sum() > 0
 
 
 def test_input_resizing_rules():
