@@ -1,0 +1,233 @@
+"""Project aligned selfies (with their cameras) into the W or W+ space of a (personalized) EG3D generator.
+
+    python projector.py --network=base.pkl --target=selfies/image_0.png --outdir=out --num-steps=500
+    python projector.py --network=base.pkl --dataset=selfies        # every image without a latent
+
+Writes `<stem>_latent.npy` ([1, num_ws, w_dim], the identity dataset format) and `<stem>_projection.png`
+(target | projection). The optimization follows the EG3D/StyleGAN2 projector: start at w_avg (mean of
+`--w-avg-samples` mapped z), Adam with a cosine learning-rate ramp-up/ramp-down from 0.01, Gaussian
+noise on w scaled by w_std and decaying to zero in the first 75% of the steps, loss = LPIPS + MSE.
+With noise_mode='const' there are no per-layer noise maps to optimize, so no noise regularization.
+"""
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training import inference as inf
+
+
+@dataclasses.dataclass
+class ProjectionResult:
+    ws: torch.Tensor            # [1, num_ws, w_dim], detached
+    losses: List[float]         # per step (with the w noise of that step)
+    initial_loss: float         # noise-free loss at the start (w_avg, or the given initial latent)
+    final_loss: float           # noise-free loss at the result
+
+
+def reconstruction_loss(image: torch.Tensor, target: torch.Tensor, lpips_model: Optional[torch.nn.Module],
+                        mse_weight: float) -> torch.Tensor:
+    """LPIPS (at most 256 px) + mse_weight * MSE, on images in [-1, 1]; mean over the batch."""
+    loss = mse_weight * F.mse_loss(image, target)
+    if lpips_model is not None:
+        loss = loss + inf.lpips_distance(lpips_model, image, target).mean()
+    return loss
+
+
+@torch.no_grad()
+def w_statistics(G: torch.nn.Module, c: torch.Tensor, num_samples: int, seed: int = 123,
+                 batch_size: int = 1000) -> Tuple[torch.Tensor, float]:
+    """(w_avg [1, 1, w_dim], w_std) over `num_samples` z ~ N(0, I) mapped with camera c (as the EG3D projector)."""
+    device = c.device
+    rng = np.random.RandomState(seed)
+    ws = []
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        z = torch.from_numpy(rng.randn(n, G.z_dim)).float().to(device)
+        ws.append(G.mapping(z, c.expand(n, -1), truncation_psi=1)[:, :1, :].cpu())
+    ws = torch.cat(ws)                                             # [N, 1, w_dim]
+    w_avg = ws.mean(0, keepdim=True)
+    w_std = float((ws - w_avg).square().sum() / num_samples) ** 0.5
+    return w_avg.to(device), w_std
+
+
+def learning_rate(step: int, num_steps: int, initial_learning_rate: float, rampup: float, rampdown: float) -> float:
+    """Cosine ramp-down over the last `rampdown` fraction, linear ramp-up over the first `rampup` fraction."""
+    t = step / num_steps
+    lr_ramp = min(1.0, (1.0 - t) / rampdown)
+    lr_ramp = 0.5 - 0.5 * math.cos(lr_ramp * math.pi)
+    lr_ramp = lr_ramp * min(1.0, t / rampup)
+    return initial_learning_rate * lr_ramp
+
+
+def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
+            num_steps: int = 500,
+            latent_space: str = 'w',
+            lpips_model: Optional[torch.nn.Module] = None,
+            mse_weight: float = 1.0,
+            initial_learning_rate: float = 0.01,
+            initial_noise_factor: float = 0.05,
+            lr_rampup_length: float = 0.05,
+            lr_rampdown_length: float = 0.25,
+            noise_ramp_length: float = 0.75,
+            w_avg_samples: int = 10000,
+            w_init: Optional[torch.Tensor] = None,
+            neural_rendering_resolution: Optional[int] = None,
+            seed: int = 0,
+            progress: bool = True,
+            desc: str = 'project') -> ProjectionResult:
+    """Optimize a latent so that G renders `target` [1, 3, R, R] (in [-1, 1]) from camera `c` [1, 25].
+
+    `latent_space`: 'w' optimizes one w_dim vector shared by all layers, 'w_plus' one per layer.
+    `w_init` ([1, num_ws, w_dim]) replaces the w_avg start (its layer mean is used for 'w').
+    """
+    if latent_space not in ('w', 'w_plus'):
+        raise ValueError(f'latent_space must be w or w_plus, got {latent_space!r}')
+    device = c.device
+    n_ws = inf.num_ws(G)
+    target = target.to(device)
+    w_avg, w_std = w_statistics(G, c, w_avg_samples)
+    if w_init is not None:
+        start = w_init.to(device).mean(1, keepdim=True) if latent_space == 'w' else w_init.to(device)
+    else:
+        start = w_avg if latent_space == 'w' else w_avg.repeat(1, n_ws, 1)
+    w_opt = start.detach().clone().requires_grad_(True)    # [1, 1 or num_ws, w_dim]
+    optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=initial_learning_rate)
+
+    def loss_at(w: torch.Tensor, render_seed: int) -> torch.Tensor:
+        ws = w.expand(1, n_ws, -1) if w.shape[1] == 1 else w
+        image = inf.render(G, ws, c, neural_rendering_resolution, seed=render_seed)
+        return reconstruction_loss(image, target, lpips_model, mse_weight)
+
+    with torch.no_grad():
+        initial_loss = float(loss_at(w_opt, seed))
+    torch.manual_seed(seed)
+    losses = []
+    bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        t = step / num_steps
+        w_noise_scale = w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp_length) ** 2
+        lr = learning_rate(step, num_steps, initial_learning_rate, lr_rampup_length, lr_rampdown_length)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        w_noisy = w_opt + torch.randn_like(w_opt) * w_noise_scale
+        loss = loss_at(w_noisy, seed + 1 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f'{losses[-1]:.4f}')
+
+    with torch.no_grad():
+        final_loss = float(loss_at(w_opt, seed))
+    ws = w_opt.detach().expand(1, n_ws, -1).clone() if latent_space == 'w' else w_opt.detach().clone()
+    return ProjectionResult(ws=ws, losses=losses, initial_loss=initial_loss, final_loss=final_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+@dataclasses.dataclass
+class Job:
+    image: Path
+    camera: np.ndarray
+    latent_out: Path
+    render_out: Optional[Path]
+
+
+def plan_jobs(target: Optional[str], dataset: Optional[str], outdir: Optional[str], c_path: Optional[str],
+              overwrite: bool) -> List[Job]:
+    """Every (image, camera, output) to project, checked before any work starts."""
+    if (target is None) == (dataset is None):
+        raise inf.InputError('pass exactly one of --target=<image> or --dataset=<folder>')
+    if target is not None:
+        image = inf.check_file(target, 'Target image')
+        camera = inf.label_for_image(image, c_path)
+        out = Path(outdir) if outdir else image.parent
+        latent_out = inf.latent_path_for(image, out)
+        if latent_out.exists() and not overwrite:
+            raise inf.InputError(f'{latent_out} exists; pass --overwrite to project again')
+        render_out = Path(outdir) / f'{image.stem}_projection.png' if outdir else None  # never into a dataset folder
+        return [Job(image, camera, latent_out, render_out)]
+    if c_path is not None:
+        raise inf.InputError('--c applies to a single --target; with --dataset the cameras come from dataset.json')
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise inf.InputError(f'dataset folder not found: {folder}')
+    labels = inf.read_labels(folder)
+    images = inf.list_images(folder)
+    if not images:
+        raise inf.InputError(f'no images in {folder}')
+    unlabelled = [p.name for p in images if p.name not in labels]
+    if unlabelled:
+        raise inf.InputError(f'{len(unlabelled)} image(s) in {folder} have no camera label in dataset.json: '
+                             f'{", ".join(unlabelled[:5])}')
+    jobs = []
+    for image in images:
+        latent_out = inf.latent_path_for(image)
+        if latent_out.exists() and not overwrite:
+            continue
+        render_out = Path(outdir) / f'{image.stem}_projection.png' if outdir else None
+        jobs.append(Job(image, labels[image.name], latent_out, render_out))
+    return jobs
+
+
+@click.command()
+@click.option('--network', 'network_pkl', required=True, help='Base or snapshot pkl')
+@click.option('--adapter', 'adapter_paths', multiple=True, help='Adapter file(s) to load onto --network')
+@click.option('--adapter-index', type=int, default=0, show_default=True, help='Which loaded adapter renders')
+@click.option('--target', type=str, help='Aligned image to project (camera from the dataset.json beside it)')
+@click.option('--dataset', type=str, help='Identity folder: project every labelled image that has no latent yet')
+@click.option('--outdir', type=str, help='Where latents/renders go (default: beside the image; with --dataset only renders)')
+@click.option('--c', 'c_path', type=str, help='Camera label .npy (25 floats) instead of dataset.json')
+@click.option('--num-steps', type=int, default=500, show_default=True)
+@click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)
+@click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='vgg', show_default=True,
+              help='LPIPS backbone; *-random only for tests')
+@click.option('--mse-weight', type=float, default=1.0, show_default=True)
+@click.option('--lr', 'initial_learning_rate', type=float, default=0.01, show_default=True)
+@click.option('--noise-factor', 'initial_noise_factor', type=float, default=0.05, show_default=True)
+@click.option('--w-avg-samples', type=int, default=10000, show_default=True, help='z samples for w_avg / w_std')
+@click.option('--nrr', 'neural_rendering_resolution', type=int, default=None, help='Neural rendering resolution')
+@click.option('--seed', type=int, default=0, show_default=True)
+@click.option('--overwrite', is_flag=True, help='Replace existing latents')
+@click.option('--device', default='auto', show_default=True)
+@inf.user_errors
+def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_path, num_steps, latent_space,
+         lpips_kind, mse_weight, initial_learning_rate, initial_noise_factor, w_avg_samples,
+         neural_rendering_resolution, seed, overwrite, device):
+    """Invert aligned images with known cameras into W / W+ (writes <stem>_latent.npy)."""
+    device = inf.resolve_device(device)
+    jobs = plan_jobs(target, dataset, outdir, c_path, overwrite)
+    if not jobs:
+        click.echo(f'every image in {dataset} already has a latent (pass --overwrite to redo them)')
+        return
+    lpips_model = inf.build_lpips(lpips_kind, device)
+    G = inf.load_generator(network_pkl, adapter_paths, device)
+    if adapter_index:
+        inf.select_adapter(G, adapter_index)
+    for job in tqdm(jobs, desc='images', disable=len(jobs) == 1):
+        target_img = inf.load_image(job.image, G.img_resolution).to(device)
+        c = torch.from_numpy(job.camera).to(device).unsqueeze(0)
+        result = project(G, target_img, c, num_steps=num_steps, latent_space=latent_space, lpips_model=lpips_model,
+                         mse_weight=mse_weight, initial_learning_rate=initial_learning_rate,
+                         initial_noise_factor=initial_noise_factor, w_avg_samples=w_avg_samples,
+                         neural_rendering_resolution=neural_rendering_resolution, seed=seed, desc=job.image.name)
+        inf.save_latent(job.latent_out, result.ws, overwrite=overwrite)
+        if job.render_out is not None:
+            with torch.no_grad():
+                image = inf.render(G, result.ws, c, neural_rendering_resolution, seed=seed)
+            inf.save_image(inf.image_grid([torch.cat([target_img.cpu(), image.cpu()])]), job.render_out)
+        click.echo(f'{job.image.name}: loss {result.initial_loss:.4f} -> {result.final_loss:.4f}; '
+                   f'wrote {job.latent_out}')
+
+
+if __name__ == '__main__':
+    main()

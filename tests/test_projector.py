@@ -1,0 +1,90 @@
+"""projector.py: inverting aligned images with known cameras into W / W+."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import projector
+from training import inference as inf
+
+FAST = ['--lpips=alex-random', '--w-avg-samples=200', '--nrr=16', '--device=cpu']
+
+
+def run(args):
+    return CliRunner().invoke(projector.main, [str(a) for a in args])
+
+
+def test_projection_lowers_loss_and_returns_w_plus_shape(tiny_identity):
+    G = inf.load_generator(tiny_identity / 'base.pkl')
+    target = inf.load_image(tiny_identity / 'train' / 'image_0.png', G.img_resolution)
+    c = torch.from_numpy(inf.label_for_image(tiny_identity / 'train' / 'image_0.png')).unsqueeze(0)
+    result = projector.project(G, target, c, num_steps=6, latent_space='w', w_avg_samples=200,
+                               initial_learning_rate=0.05, neural_rendering_resolution=16, progress=False)
+    assert result.ws.shape == (1, 14, 512)
+    assert torch.equal(result.ws[:, 0], result.ws[:, 13])  # W: one vector shared by every layer
+    assert len(result.losses) == 6
+    assert result.final_loss < result.initial_loss
+    assert not any(p.requires_grad for p in G.parameters())
+
+
+def test_learning_rate_schedule_ramps_up_and_down():
+    lrs = [projector.learning_rate(i, 100, 0.01, 0.05, 0.25) for i in range(100)]
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(0.01)
+    assert lrs[2] < lrs[5] and lrs[99] < lrs[80]
+
+
+def test_cli_writes_latent_in_dataset_format_and_refuses_overwrite(tiny_identity, tmp_path):
+    out = tmp_path / 'out'
+    args = ['--network', tiny_identity / 'base.pkl', '--target', tiny_identity / 'train' / 'image_1.png', '--outdir', out,
+            '--num-steps=2', *FAST]
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    latent = np.load(out / 'image_1_latent.npy')
+    assert latent.shape == (1, 14, 512) and latent.dtype == np.float32
+    assert (out / 'image_1_projection.png').is_file()
+    again = run(args)
+    assert again.exit_code == 1 and '--overwrite' in again.output
+    assert np.array_equal(np.load(out / 'image_1_latent.npy'), latent)
+    assert run(args + ['--overwrite', '--latent-space=w_plus']).exit_code == 0
+
+
+def test_cli_dataset_mode_projects_only_images_without_latents(tiny_identity, tmp_path):
+    folder = tmp_path / 'selfies'
+    shutil.copytree(tiny_identity / 'train', folder)
+    (folder / 'image_2_latent.npy').unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob('*_latent.npy')}
+    result = run(['--network', tiny_identity / 'base.pkl', '--dataset', folder, '--num-steps=1', *FAST])
+    assert result.exit_code == 0, result.output
+    assert np.load(folder / 'image_2_latent.npy').shape == (1, 14, 512)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob('*_latent.npy') if p.name in before} == before
+    assert 'image_2.png' in result.output and 'image_0.png' not in result.output
+    done = run(['--network', tiny_identity / 'base.pkl', '--dataset', folder, *FAST])
+    assert done.exit_code == 0 and 'already has a latent' in done.output
+
+
+def test_cli_missing_camera_label_is_a_clear_error(tiny_identity, tmp_path):
+    folder = tmp_path / 'nolabel'
+    folder.mkdir()
+    shutil.copy(tiny_identity / 'train' / 'image_0.png', folder / 'photo.png')
+    (folder / 'dataset.json').write_text(json.dumps({'labels': []}))
+    result = run(['--network', tiny_identity / 'base.pkl', '--target', folder / 'photo.png', '--outdir', tmp_path, *FAST])
+    assert result.exit_code == 1
+    assert 'no "labels"' in result.output or 'no camera label' in result.output
+    (folder / 'dataset.json').unlink()
+    result = run(['--network', tiny_identity / 'base.pkl', '--dataset', folder, *FAST])
+    assert result.exit_code == 1 and 'dataset.json' in result.output
+
+
+def test_cli_input_errors_come_before_work(tiny_identity, tmp_path):
+    result = run(['--network', tmp_path / 'missing.pkl', '--target', tiny_identity / 'train' / 'image_0.png',
+                  '--outdir', tmp_path, *FAST])
+    assert result.exit_code == 1 and 'Network pickle not found' in result.output
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path, *FAST])
+    assert result.exit_code == 1 and 'exactly one of --target' in result.output
+    result = run(['--network', tiny_identity / 'base.pkl', '--target', tiny_identity / 'train' / 'image_0.png',
+                  '--adapter', tmp_path / 'missing.safetensors', '--outdir', tmp_path, *FAST])
+    assert result.exit_code == 1 and 'Adapter file not found' in result.output
+    assert not list(tmp_path.glob('*_latent.npy'))
