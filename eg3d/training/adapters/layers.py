@@ -1,0 +1,422 @@
+"""Persistent low-rank adapter layers wrapping the EG3D / StyleGAN2 layers.
+
+Each wrapper holds K = `num_adapters` adapters (leading K dim on every adapter tensor) around a
+frozen base layer, attached after construction as the child `base_layer`. The delta is added to
+the base's raw (un-scaled) weight, so merging is `weight += delta`:
+
+    LoRA:    delta_k = scaling * B_k @ A_k                A_k [R, fan_in], B_k [O, R]
+    AdaLoRA: delta_k = scaling * B_k @ (A_k * E_k)        E_k [R, 1] (P = A, Lambda = E, Q = B)
+
+with fan_in = I*kh*kw for convolutions (delta reshaped to [O, I, kh, kw]). The sample i of a
+batch uses adapter `adapter_index` (an int for the whole batch, or a LongTensor [N]); the index is
+transient (not in state_dict, not pickled).
+
+NOTE: this module's source is embedded into snapshot pickles and executed by the official EG3D
+code when it loads them, so it may import only torch, numpy, the standard library and official
+EG3D names (torch_utils.*, training.networks_stylegan2).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from torch_utils import misc
+from torch_utils import persistence
+from torch_utils.ops import bias_act
+from torch_utils.ops import conv2d_resample
+from torch_utils.ops import fma
+
+#----------------------------------------------------------------------------
+
+def _lowrank_conv(x, A, B, kh, kw, f=None, up=1, down=1, padding=0, flip_weight=True):
+    """conv2d_resample(x, (B @ A).reshape(O, I, kh, kw)) computed as a rank-R conv then a 1x1 conv by B.
+
+    The resampling filter acts per channel, so it commutes with the 1x1 channel mix. A is
+    [R, I*kh*kw], B [O, R] (shared), or [N, R, I*kh*kw], [N, O, R] (sample i uses A[i], B[i]:
+    grouped convolutions with one group per sample).
+    """
+    N, I = x.shape[0], x.shape[1]
+    if A.ndim == 2:
+        R, O = A.shape[0], B.shape[0]
+        h = conv2d_resample.conv2d_resample(x=x, w=A.reshape(R, I, kh, kw).to(x.dtype), f=f,
+            up=up, down=down, padding=padding, flip_weight=flip_weight)
+        return conv2d_resample.conv2d_resample(x=h, w=B.reshape(O, R, 1, 1).to(x.dtype))
+    R, O = A.shape[1], B.shape[1]
+    h = conv2d_resample.conv2d_resample(x=x.reshape(1, N * I, *x.shape[2:]), w=A.reshape(N * R, I, kh, kw).to(x.dtype),
+        f=f, up=up, down=down, padding=padding, groups=N, flip_weight=flip_weight)
+    y = conv2d_resample.conv2d_resample(x=h, w=B.reshape(N * O, R, 1, 1).to(x.dtype), groups=N)
+    return y.reshape(N, O, *y.shape[2:])
+
+
+def modulated_conv2d_lora(
+    x,                      # [N, I, H, W] activations.
+    weight,                 # [O, I, kh, kw] frozen base weight.
+    styles,                 # [N, I] modulation.
+    A,                      # [R, I*kh*kw] or per-sample [N, R, I*kh*kw] (AdaLoRA: A * E).
+    B,                      # [O, R] or [N, O, R], already multiplied by the scaling.
+    noise=None, up=1, down=1, padding=0, resample_filter=None, demodulate=True, flip_weight=True,
+    fused_modconv=True,
+    dropout=None,           # Callable applied to the adapter branch input (non-fused only), or None.
+):
+    """StyleGAN2 modulated convolution with weight W + B @ A, same arithmetic as `modulated_conv2d`.
+
+    The delta enters the weight before modulation and demodulation. Fused: the per-sample weights
+    (W + delta) * s are built explicitly. Non-fused: conv(x*s, W) + conv1x1(conv(x*s, A), B), so the
+    frozen W gets no weight gradient; the demodulation coefficients come from ||(W + delta) * s||
+    in weight space, exactly as the base computes them. With delta == 0 every intermediate equals
+    the base's bit for bit. In float16 the max-abs pre-normalisation factor is taken from the
+    frozen W (demodulation cancels it, so the choice does not change the result mathematically).
+    """
+    batch_size = x.shape[0]
+    out_channels, in_channels, kh, kw = weight.shape
+    misc.assert_shape(x, [batch_size, in_channels, None, None])
+    misc.assert_shape(styles, [batch_size, in_channels])
+    per_sample = (A.ndim == 3)
+
+    if x.dtype == torch.float16 and demodulate:
+        cw = (1 / np.sqrt(in_channels * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
+        weight = weight * cw
+        B = B * cw.reshape(out_channels, 1)
+        styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
+
+    w = None
+    dcoefs = None
+    if demodulate or fused_modconv:
+        delta = torch.matmul(B, A)
+        if per_sample:
+            w = weight.unsqueeze(0) + delta.reshape(batch_size, out_channels, in_channels, kh, kw)
+        else:
+            w = (weight + delta.reshape(out_channels, in_channels, kh, kw)).unsqueeze(0)
+        w = w * styles.reshape(batch_size, 1, -1, 1, 1)
+    if demodulate:
+        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+    if demodulate and fused_modconv:
+        w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
+
+    if not fused_modconv:
+        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), f=resample_filter,
+            up=up, down=down, padding=padding, flip_weight=flip_weight)
+        if A.shape[-2] > 0:
+            xa = dropout(x) if dropout is not None else x
+            y = y + _lowrank_conv(xa, A, B, kh, kw, f=resample_filter, up=up, down=down, padding=padding,
+                flip_weight=flip_weight)
+        if demodulate and noise is not None:
+            y = fma.fma(y, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1), noise.to(x.dtype))
+        elif demodulate:
+            y = y * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        elif noise is not None:
+            y = y.add_(noise.to(x.dtype))
+        return y
+
+    with misc.suppress_tracer_warnings():
+        batch_size = int(batch_size)
+    x = x.reshape(1, -1, *x.shape[2:])
+    w = w.reshape(-1, in_channels, kh, kw)
+    x = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=resample_filter,
+        up=up, down=down, padding=padding, groups=batch_size, flip_weight=flip_weight)
+    x = x.reshape(batch_size, -1, *x.shape[2:])
+    if noise is not None:
+        x = x.add_(noise)
+    return x
+
+#----------------------------------------------------------------------------
+
+class AdapterLayer(torch.nn.Module):
+    """Common part of the adapter wrappers: K adapters of rank R on a weight with fan_in/fan_out.
+
+    Own tensors: lora_A [K, R, fan_in], lora_B [K, fan_out, R], and for AdaLoRA lora_E [K, R, 1]
+    plus the buffer rank_mask [K, R] (1 = triplet kept by the rank allocator). Optional extras
+    (zero-initialised per-adapter deltas): bias_delta [K, out], noise_strength_delta [K],
+    const_delta [K, C, H, W] (the block's constant input, for the first layer of a network).
+    """
+
+    def _init_adapter(self, fan_in, fan_out, rank, num_adapters, scaling, dropout, adalora, rank_unit,
+                      bias_features=0, noise_delta=False, const_shape=None):
+        K = int(num_adapters)
+        self.fan_in = int(fan_in)
+        self.fan_out = int(fan_out)
+        self.rank = int(rank)
+        self.num_adapters = K
+        self.scaling = float(scaling)
+        self.dropout = float(dropout)
+        self.adalora = bool(adalora)
+        self.rank_unit = int(rank_unit)
+        if self.adalora:
+            # PEFT AdaLoRA init: P, Q ~ N(0, 0.02), Lambda = 0.
+            self.lora_A = torch.nn.Parameter(torch.randn([K, self.rank, self.fan_in]) * 0.02)
+            self.lora_E = torch.nn.Parameter(torch.zeros([K, self.rank, 1]))
+            self.lora_B = torch.nn.Parameter(torch.randn([K, self.fan_out, self.rank]) * 0.02)
+            self.register_buffer('rank_mask', torch.ones([K, self.rank]))
+        else:
+            # PEFT LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0.
+            bound = 1 / math.sqrt(max(self.fan_in, 1))
+            self.lora_A = torch.nn.Parameter(torch.empty([K, self.rank, self.fan_in]).uniform_(-bound, bound))
+            self.lora_B = torch.nn.Parameter(torch.zeros([K, self.fan_out, self.rank]))
+        if bias_features:
+            self.bias_delta = torch.nn.Parameter(torch.zeros([K, int(bias_features)]))
+        if noise_delta:
+            self.noise_strength_delta = torch.nn.Parameter(torch.zeros([K]))
+        if const_shape is not None:
+            self.const_delta = torch.nn.Parameter(torch.zeros([K] + [int(s) for s in const_shape]))
+        self.adapter_index = 0
+
+    # -- attribute access ----------------------------------------------------------------------
+
+    def __getattr__(self, name):
+        # Unknown attributes (resolution, in_channels, affine, weight, ...) come from the base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get('_modules', {}).get('base_layer', None)
+            if base is None or name.startswith('__'):
+                raise
+            return getattr(base, name)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state['adapter_index'] = 0  # the selection is transient
+        return state
+
+    def adapter_parameters(self):
+        """This layer's own adapter tensors (not the base layer's), in registration order."""
+        return list(self._parameters.values())
+
+    # -- adapter math --------------------------------------------------------------------------
+
+    def _batch_index(self, batch_size):
+        """The adapter index: an int (one adapter for the batch) or a LongTensor [batch_size]."""
+        idx = self.adapter_index
+        if isinstance(idx, torch.Tensor):
+            if idx.ndim != 1 or idx.shape[0] != batch_size:
+                raise ValueError(f'adapters.select() was given {tuple(idx.shape)} indices but the batch has '
+                                 f'{batch_size} samples; call adapters.select(G, idx) with one index per sample')
+            return idx
+        return int(idx)
+
+    def factors(self, idx, gain=1):
+        """(A, B) of adapter(s) idx in float32: A [.., R, fan_in] (times E for AdaLoRA), B [.., fan_out, R] times scaling * gain."""
+        A = self.lora_A[idx]
+        if self.adalora:
+            A = A * self.lora_E[idx]
+        return A, self.lora_B[idx] * (self.scaling * gain)
+
+    def delta_weight(self, index=0):
+        """The delta of adapter `index` in the base's raw weight layout (what `merge` adds)."""
+        A, B = self.factors(int(index))
+        return torch.matmul(B, A).reshape(self.base_layer.weight.shape)
+
+    def _dropout_fn(self):
+        if self.dropout > 0 and self.training:
+            p = self.dropout
+            return lambda t: torch.nn.functional.dropout(t, p=p, training=True)
+        return None
+
+    def _linear_delta(self, x, idx, gain):
+        """Low-rank branch of a dense layer: x [rows, in] -> [rows, out]; rows = N * M for per-sample idx."""
+        A, B = self.factors(idx, gain)
+        drop = self._dropout_fn()
+        if drop is not None:
+            x = drop(x)
+        if not isinstance(idx, torch.Tensor):
+            return x.matmul(A.to(x.dtype).t()).matmul(B.to(x.dtype).t())
+        N = idx.shape[0]
+        x3 = x.reshape(N, -1, x.shape[-1])
+        h = torch.bmm(x3, A.to(x.dtype).transpose(1, 2))
+        d = torch.bmm(h, B.to(x.dtype).transpose(1, 2))
+        return d.reshape(*x.shape[:-1], d.shape[-1])
+
+    def _rows_index(self, rows):
+        """Adapter index for an input with `rows` rows (= batch size, or batch size * points per sample)."""
+        idx = self.adapter_index
+        if isinstance(idx, torch.Tensor):
+            if idx.ndim != 1 or idx.shape[0] == 0 or rows % idx.shape[0] != 0:
+                raise ValueError(f'adapters.select() was given {tuple(idx.shape)} indices, which does not divide '
+                                 f'the {rows} input rows of {type(self).__name__}')
+            return idx
+        return int(idx)
+
+    def _bias_and_delta(self, idx):
+        """Base bias (+ shared bias delta) and the per-sample bias delta [N, out] (or None)."""
+        bias = self.base_layer.bias
+        if bias is None or 'bias_delta' not in self._parameters:
+            return bias, None
+        if isinstance(idx, torch.Tensor):
+            return bias, self.bias_delta[idx]
+        return bias + self.bias_delta[idx], None
+
+    def _extra_repr_adapter(self):
+        return (f'rank={self.rank}, num_adapters={self.num_adapters}, scaling={self.scaling:g}, '
+                f'adalora={self.adalora}')
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class LoraFullyConnectedLayer(AdapterLayer):
+    """Adapters on a FullyConnectedLayer (mapping FCs, style affines, tri-plane decoder FCs)."""
+
+    def __init__(self, in_features, out_features, rank, num_adapters=1, scaling=1.0, dropout=0.0,
+                 adalora=False, rank_unit=1, bias_delta=False):
+        super().__init__()
+        self._init_adapter(in_features, out_features, rank, num_adapters, scaling, dropout, adalora, rank_unit,
+                           bias_features=out_features if bias_delta else 0)
+
+    def forward(self, x):
+        base = self.base_layer
+        idx = self._rows_index(x.shape[0])
+        w = base.weight.to(x.dtype) * base.weight_gain
+        b, b_sample = self._bias_and_delta(idx)
+        if b is not None:
+            b = b.to(x.dtype)
+            if base.bias_gain != 1:
+                b = b * base.bias_gain
+        d = self._linear_delta(x, idx, base.weight_gain) if self.rank > 0 else None
+        if b_sample is not None:
+            bd = (b_sample.to(x.dtype) * base.bias_gain).repeat_interleave(x.shape[0] // idx.shape[0], dim=0)
+            d = bd if d is None else d + bd
+        if base.activation == 'linear' and b is not None:
+            y = torch.addmm(b.unsqueeze(0), x, w.t())
+            return y if d is None else y + d
+        y = x.matmul(w.t())
+        if d is not None:
+            y = y + d
+        return bias_act.bias_act(y, b, act=base.activation)
+
+    def extra_repr(self):
+        return f'in_features={self.fan_in}, out_features={self.fan_out}, ' + self._extra_repr_adapter()
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class LoraConv2dLayer(AdapterLayer):
+    """Adapters on a plain Conv2dLayer: conv(x, W*g) + conv1x1(conv(x, A), B*g*scaling)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, num_adapters=1, scaling=1.0, dropout=0.0,
+                 adalora=False, rank_unit=1, bias_delta=False):
+        super().__init__()
+        self.kernel_size = int(kernel_size)
+        self._init_adapter(in_channels * kernel_size * kernel_size, out_channels, rank, num_adapters, scaling,
+                           dropout, adalora, rank_unit, bias_features=out_channels if bias_delta else 0)
+
+    def forward(self, x, gain=1):
+        base = self.base_layer
+        idx = self._batch_index(x.shape[0])
+        w = base.weight * base.weight_gain
+        b, b_sample = self._bias_and_delta(idx)
+        b = b.to(x.dtype) if b is not None else None
+        flip_weight = (base.up == 1)
+        y = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=base.resample_filter,
+            up=base.up, down=base.down, padding=base.padding, flip_weight=flip_weight)
+        if self.rank > 0:
+            A, B = self.factors(idx, base.weight_gain)
+            drop = self._dropout_fn()
+            xa = drop(x) if drop is not None else x
+            k = self.kernel_size
+            y = y + _lowrank_conv(xa, A, B, k, k, f=base.resample_filter, up=base.up, down=base.down,
+                padding=base.padding, flip_weight=flip_weight)
+        if b_sample is not None:
+            y = y + b_sample.to(y.dtype).reshape(y.shape[0], -1, 1, 1)
+        act_gain = base.act_gain * gain
+        act_clamp = base.conv_clamp * gain if base.conv_clamp is not None else None
+        return bias_act.bias_act(y, b, act=base.activation, gain=act_gain, clamp=act_clamp)
+
+    def extra_repr(self):
+        return f'kernel_size={self.kernel_size}, fan_in={self.fan_in}, out_channels={self.fan_out}, ' + self._extra_repr_adapter()
+
+#----------------------------------------------------------------------------
+
+def _modulated_layer_conv(layer, x, styles, idx, noise, demodulate, fused_modconv, up=1, padding=0,
+                          resample_filter=None, flip_weight=True):
+    """Shared body of the SynthesisLayer / ToRGBLayer wrappers."""
+    weight = layer.base_layer.weight
+    kh, kw = weight.shape[2], weight.shape[3]
+    A, B = layer.factors(idx)  # rank 0 (fully pruned AdaLoRA layer) gives empty factors and a zero delta
+    drop = layer._dropout_fn()  # pylint: disable=protected-access
+    if drop is not None:
+        fused_modconv = False  # dropout acts on the adapter branch input, which the fused path does not have
+    return modulated_conv2d_lora(x=x, weight=weight, styles=styles, A=A, B=B, noise=noise, up=up,
+        padding=padding, resample_filter=resample_filter, demodulate=demodulate, flip_weight=flip_weight,
+        fused_modconv=fused_modconv, dropout=drop)
+
+
+@persistence.persistent_class
+class LoraSynthesisLayer(AdapterLayer):
+    """Adapters on a SynthesisLayer: the delta goes into the weight before (de)modulation.
+
+    The style affine is adapted separately (its own LoraFullyConnectedLayer inside the base layer).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, num_adapters=1, scaling=1.0, dropout=0.0,
+                 adalora=False, rank_unit=1, bias_delta=False, noise_delta=False, const_shape=None):
+        super().__init__()
+        self.kernel_size = int(kernel_size)
+        self._init_adapter(in_channels * kernel_size * kernel_size, out_channels, rank, num_adapters, scaling,
+                           dropout, adalora, rank_unit, bias_features=out_channels if bias_delta else 0,
+                           noise_delta=noise_delta, const_shape=const_shape)
+
+    def forward(self, x, w, noise_mode='random', fused_modconv=True, gain=1):
+        base = self.base_layer
+        assert noise_mode in ['random', 'const', 'none']
+        in_resolution = base.resolution // base.up
+        misc.assert_shape(x, [None, base.in_channels, in_resolution, in_resolution])
+        idx = self._batch_index(x.shape[0])
+        if 'const_delta' in self._parameters:
+            x = x + self.const_delta[idx].to(x.dtype)
+        styles = base.affine(w)
+
+        noise = None
+        if base.use_noise and noise_mode != 'none':
+            strength = base.noise_strength
+            if 'noise_strength_delta' in self._parameters:
+                strength = strength + self.noise_strength_delta[idx]
+                if isinstance(idx, torch.Tensor):
+                    strength = strength.reshape(-1, 1, 1, 1)
+            if noise_mode == 'random':
+                noise = torch.randn([x.shape[0], 1, base.resolution, base.resolution], device=x.device) * strength
+            else:
+                noise = base.noise_const * strength
+
+        flip_weight = (base.up == 1)
+        x = _modulated_layer_conv(self, x, styles, idx, noise, demodulate=True, fused_modconv=fused_modconv,
+            up=base.up, padding=base.padding, resample_filter=base.resample_filter, flip_weight=flip_weight)
+
+        b, b_sample = self._bias_and_delta(idx)
+        if b_sample is not None:
+            x = x + b_sample.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        act_gain = base.act_gain * gain
+        act_clamp = base.conv_clamp * gain if base.conv_clamp is not None else None
+        return bias_act.bias_act(x, b.to(x.dtype), act=base.activation, gain=act_gain, clamp=act_clamp)
+
+    def extra_repr(self):
+        return f'kernel_size={self.kernel_size}, fan_in={self.fan_in}, out_channels={self.fan_out}, ' + self._extra_repr_adapter()
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class LoraToRGBLayer(AdapterLayer):
+    """Adapters on a ToRGBLayer (modulated 1x1 conv without demodulation)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, num_adapters=1, scaling=1.0, dropout=0.0,
+                 adalora=False, rank_unit=1, bias_delta=False):
+        super().__init__()
+        self.kernel_size = int(kernel_size)
+        self._init_adapter(in_channels * kernel_size * kernel_size, out_channels, rank, num_adapters, scaling,
+                           dropout, adalora, rank_unit, bias_features=out_channels if bias_delta else 0)
+
+    def forward(self, x, w, fused_modconv=True):
+        base = self.base_layer
+        idx = self._batch_index(x.shape[0])
+        styles = base.affine(w) * base.weight_gain
+        x = _modulated_layer_conv(self, x, styles, idx, None, demodulate=False, fused_modconv=fused_modconv)
+        b, b_sample = self._bias_and_delta(idx)
+        if b_sample is not None:
+            x = x + b_sample.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        return bias_act.bias_act(x, b.to(x.dtype), clamp=base.conv_clamp)
+
+    def extra_repr(self):
+        return f'kernel_size={self.kernel_size}, fan_in={self.fan_in}, out_channels={self.fan_out}, ' + self._extra_repr_adapter()
+
+#----------------------------------------------------------------------------
+
+ADAPTER_CLASSES = (LoraFullyConnectedLayer, LoraConv2dLayer, LoraSynthesisLayer, LoraToRGBLayer)

@@ -1,0 +1,23 @@
+"""Fixtures of the adapter tests (helpers live in adapter_testlib.py)."""
+import copy
+
+import pytest
+import torch
+
+from adapter_testlib import build_tiny_generator
+
+
+@pytest.fixture(scope='module')
+def tiny_golden(golden_dir) -> dict:
+    return torch.load(golden_dir / 'tiny128.pt', weights_only=False)
+
+
+@pytest.fixture(scope='module')
+def tiny_base(tiny_golden) -> torch.nn.Module:
+    """Built once per test module; tests take a `copy.deepcopy` before injecting."""
+    return build_tiny_generator(tiny_golden)
+
+
+@pytest.fixture
+def tiny_G(tiny_base) -> torch.nn.Module:
+    return copy.deepcopy(tiny_base)

@@ -1,0 +1,269 @@
+"""Adapter wrappers, one layer at a time: shapes, exact identity at init, math, per-sample adapters, grads."""
+import copy
+
+import pytest
+import torch
+
+from training import adapters
+from training.adapters import AdapterConfig
+from training.adapters.inject import adapter_layers, fold_adapter
+from training.adapters.layers import (LoraConv2dLayer, LoraFullyConnectedLayer, LoraSynthesisLayer,
+                                      LoraToRGBLayer)
+from training.networks_stylegan2 import Conv2dLayer, FullyConnectedLayer, SynthesisLayer, ToRGBLayer
+
+W_DIM = 8
+N = 3
+
+
+def make_layers() -> torch.nn.ModuleDict:
+    """One layer of every family (and resampling variant), with non-zero biases and noise strengths."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleDict(dict(
+        fc=FullyConnectedLayer(8, 6),
+        fc_lrelu=FullyConnectedLayer(8, 6, activation='lrelu', lr_multiplier=0.01),
+        conv=Conv2dLayer(4, 5, 3, activation='lrelu'),
+        conv_up=Conv2dLayer(4, 5, 3, up=2),
+        conv_down=Conv2dLayer(4, 5, 3, down=2, conv_clamp=1.0),
+        conv_1x1=Conv2dLayer(4, 5, 1, bias=False),
+        syn=SynthesisLayer(4, 5, w_dim=W_DIM, resolution=8),
+        syn_up=SynthesisLayer(4, 5, w_dim=W_DIM, resolution=16, up=2, conv_clamp=0.5),
+        torgb=ToRGBLayer(5, 3, w_dim=W_DIM),
+    ))
+    with torch.no_grad():
+        for name, p in layers.named_parameters():
+            if name.endswith('bias') or name.endswith('noise_strength'):
+                p.add_(0.3 * torch.randn_like(p))
+    return layers
+
+
+class Holder(torch.nn.Module):
+    """Minimal 'generator' whose synthesis component is the dict of test layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.synthesis = make_layers()
+
+
+def layer_inputs(name: str, layer: torch.nn.Module, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    if name.startswith('fc'):
+        return (torch.randn([N, layer.in_features], generator=gen),), {}
+    if name.startswith('conv'):
+        return (torch.randn([N, layer.in_channels, 8, 8], generator=gen),), {}
+    w = torch.randn([N, W_DIM], generator=gen)
+    if name == 'torgb':
+        return (torch.randn([N, layer.in_channels, 8, 8], generator=gen), w), {}
+    res = layer.resolution // layer.up
+    return (torch.randn([N, layer.in_channels, res, res], generator=gen), w), {'noise_mode': 'const'}
+
+
+def run_layer(name, layer, fused=None, seed=1):
+    args, kwargs = layer_inputs(name, layer, seed)
+    if fused is not None and (name.startswith('syn') or name == 'torgb'):
+        kwargs['fused_modconv'] = fused
+    return layer(*args, **kwargs)
+
+
+def injected(cfg: AdapterConfig, K: int = 1) -> Holder:
+    H = Holder()
+    adapters.inject(H, cfg, num_adapters=K)
+    return H
+
+
+FAMILIES = ['fc', 'fc_lrelu', 'conv', 'conv_up', 'conv_down', 'conv_1x1', 'syn', 'syn_up', 'torgb']
+WRAPPER_TYPES = {'fc': LoraFullyConnectedLayer, 'conv': LoraConv2dLayer, 'syn': LoraSynthesisLayer,
+                 'torgb': LoraToRGBLayer}
+
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('factorization', ['my3dgen', 'standard'])
+@pytest.mark.parametrize('adalora', [False, True])
+def test_adapter_shapes_for_every_layer_family(factorization, adalora):
+    r, K = 2, 3
+    cfg = AdapterConfig(r=r, init_r=r, adalora=adalora, conv_factorization=factorization, targets=('synthesis',))
+    H = injected(cfg, K)
+    for name in FAMILIES:
+        layer = H.synthesis[name]
+        assert isinstance(layer, WRAPPER_TYPES[name.split('_')[0]])
+        base = layer.base_layer
+        if name.startswith('fc'):
+            out, fan_in, k = base.out_features, base.in_features, 1
+        else:
+            out, cin, k, _ = base.weight.shape
+            fan_in = cin * k * k
+        R = r * k if factorization == 'my3dgen' else r
+        assert layer.lora_A.shape == (K, R, fan_in)
+        assert layer.lora_B.shape == (K, out, R)
+        if adalora:
+            assert layer.lora_E.shape == (K, R, 1)
+            assert layer.rank_mask.shape == (K, R)
+        else:
+            assert 'lora_E' not in layer._parameters
+        if name.startswith('syn') or name == 'torgb':  # the style affine is wrapped too
+            aff = base.affine
+            assert isinstance(aff, LoraFullyConnectedLayer)
+            assert aff.lora_A.shape == (K, r, W_DIM) and aff.lora_B.shape == (K, base.in_channels, r)
+
+
+def test_my3dgen_extras_shapes():
+    H = injected(AdapterConfig(r=1, extras='my3dgen', targets=('synthesis',)), K=2)
+    syn = H.synthesis['syn']
+    assert syn.bias_delta.shape == (2, 5) and syn.noise_strength_delta.shape == (2,)
+    assert syn.base_layer.affine.bias_delta.shape == (2, 4)
+    assert H.synthesis['torgb'].bias_delta.shape == (2, 3)
+    assert 'bias_delta' not in H.synthesis['conv_1x1']._parameters  # base has no bias
+    assert 'const_delta' not in syn._parameters  # only a block's first layer gets the constant
+
+
+@pytest.mark.parametrize('cfg', [
+    AdapterConfig(r=2, targets=('synthesis',)),
+    AdapterConfig(r=1, conv_factorization='standard', extras='my3dgen', targets=('synthesis',)),
+    AdapterConfig(adalora=True, init_r=3, extras='my3dgen', targets=('synthesis',)),
+], ids=['lora', 'standard-extras', 'adalora-extras'])
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('selection', ['int', 'per-sample'])
+def test_identity_at_init_is_bit_exact(cfg, fused, selection):
+    base = make_layers()
+    expected = {name: run_layer(name, base[name], fused) for name in FAMILIES}
+    H = injected(cfg, K=3)
+    adapters.select(H, 2 if selection == 'int' else torch.tensor([2, 0, 1]))
+    for name in FAMILIES:
+        got = run_layer(name, H.synthesis[name], fused)
+        assert torch.equal(got, expected[name]), name
+
+
+@pytest.mark.parametrize('adalora', [False, True])
+@pytest.mark.parametrize('fused', [True, False])
+def test_adapted_forward_equals_base_with_merged_weights(adalora, fused):
+    H = injected(AdapterConfig(r=2, init_r=2, adalora=adalora, extras='my3dgen', targets=('synthesis',)), K=2)
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    adapters.select(H, 1)
+    merged = copy.deepcopy(H)
+    for name, layer in reversed(adapter_layers(merged)):
+        parent_name, _, child = name.rpartition('.')
+        parent = merged.get_submodule(parent_name)
+        setattr(parent, child, fold_adapter(layer, 1, parent))
+    for name in FAMILIES:
+        got = run_layer(name, H.synthesis[name], fused)
+        want = run_layer(name, merged.synthesis[name], fused)
+        base = run_layer(name, make_layers()[name], fused)
+        assert not torch.allclose(got, base, atol=1e-3), f'{name}: adapter has no effect'
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_per_sample_adapters_equal_one_adapter_per_call(fused):
+    H = injected(AdapterConfig(r=2, adalora=False, extras='my3dgen', targets=('synthesis',)), K=3)
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    idx = torch.tensor([2, 0, 2])
+    for name in FAMILIES:
+        layer = H.synthesis[name]
+        adapters.select(H, idx)
+        together = run_layer(name, layer, fused)
+        separate = []
+        for i, k in enumerate(idx.tolist()):
+            adapters.select(H, k)
+            separate.append(run_layer(name, layer, fused)[i])
+        torch.testing.assert_close(together, torch.stack(separate), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_dense_layer_per_sample_rows():
+    """Decoder FCs see N * M rows (M points per sample); sample i's rows use adapter idx[i]."""
+    H = injected(AdapterConfig(r=2, targets=('synthesis',)), K=2)
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    fc = H.synthesis['fc']
+    x = torch.randn(2 * 5, 8)
+    adapters.select(H, torch.tensor([1, 0]))
+    together = fc(x)
+    adapters.select(H, 1)
+    first = fc(x[:5])
+    adapters.select(H, 0)
+    second = fc(x[5:])
+    torch.testing.assert_close(together, torch.cat([first, second]), atol=1e-6, rtol=1e-6)
+    adapters.select(H, torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match='select'):
+        fc(torch.randn(10, 8))
+
+
+@pytest.mark.parametrize('extras', ['none', 'my3dgen'])
+@pytest.mark.parametrize('fused', [True, False])
+def test_gradients_reach_only_adapter_tensors(extras, fused):
+    H = injected(AdapterConfig(r=1, extras=extras, targets=('synthesis',)))
+    H.train()
+    loss = sum(run_layer(name, H.synthesis[name], fused).square().sum() for name in FAMILIES)
+    loss.backward()
+    adapter_ids = {id(p) for p in adapters.trainable_parameters(H)}
+    for name, p in H.named_parameters():
+        if id(p) in adapter_ids:
+            assert p.requires_grad
+            if name.endswith('lora_B') or name.endswith('_delta'):  # A's grad is B^T (...) = 0 at init
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    names = {n.rsplit('.', 1)[-1] for n, p in H.named_parameters() if id(p) in adapter_ids}
+    assert ('bias_delta' in names) == (extras == 'my3dgen')
+
+
+def test_dropout_only_in_training():
+    cfg = AdapterConfig(r=2, dropout=0.5, targets=('synthesis',))
+    H = injected(cfg)
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    for name in ('fc', 'conv', 'syn', 'torgb'):
+        layer = H.synthesis[name]
+        H.eval()
+        a, b = run_layer(name, layer, fused=True), run_layer(name, layer, fused=False)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        H.train()
+        torch.manual_seed(0)
+        c = run_layer(name, layer, fused=True)
+        torch.manual_seed(1)
+        d = run_layer(name, layer, fused=True)
+        assert not torch.allclose(c, d), f'{name}: dropout had no effect in training'
+
+
+def test_fully_pruned_layer_is_the_base():
+    base = make_layers()
+    H = Holder()
+    ranks = {f'synthesis.{n}': 0 for n in FAMILIES}
+    ranks.update({f'synthesis.{n}.affine': 0 for n in ('syn', 'syn_up', 'torgb')})
+    adapters.inject(H, AdapterConfig(adalora=True, init_r=2, targets=('synthesis',)), ranks=ranks)
+    for name in FAMILIES:
+        assert H.synthesis[name].lora_A.shape[1] == 0
+        for fused in (True, False):
+            assert torch.equal(run_layer(name, H.synthesis[name], fused), run_layer(name, base[name], fused)), name
+
+
+def test_wrapper_reads_base_attributes():
+    H = injected(AdapterConfig(targets=('synthesis',)))
+    syn = H.synthesis['syn']
+    assert syn.resolution == 8 and syn.in_channels == 4 and syn.weight is syn.base_layer.weight
+    assert syn.affine is syn.base_layer.affine
+    with pytest.raises(AttributeError):
+        syn.no_such_attribute  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('demodulate', [True, False])
+def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(fused, demodulate):
+    """The float16 pre-normalisation path (CUDA blocks) gives the base's bits when the delta is zero."""
+    from training.adapters.layers import modulated_conv2d_lora
+    from training.networks_stylegan2 import modulated_conv2d
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn([2, 4, 8, 8], generator=gen).half()
+    weight = torch.randn([5, 4, 3, 3], generator=gen)
+    styles = torch.randn([2, 4], generator=gen)
+    noise = torch.randn([2, 1, 8, 8], generator=gen)
+    A = torch.randn([3, 4 * 9], generator=gen)
+    B = torch.zeros([5, 3])
+    try:
+        want = modulated_conv2d(x, weight, styles, noise=noise, padding=1, demodulate=demodulate, fused_modconv=fused)
+    except RuntimeError as e:  # some CPU builds lack float16 convolutions
+        pytest.skip(f'float16 convolution unavailable: {e}')
+    got = modulated_conv2d_lora(x, weight, styles, A, B, noise=noise, padding=1, demodulate=demodulate,
+                                fused_modconv=fused)
+    assert got.dtype == torch.float16 and torch.equal(got, want)
