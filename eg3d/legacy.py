@@ -38,8 +38,6 @@ import torch
 import dnnlib
 from torch_utils import misc, persistence
 
-# ----------------------------------------------------------------------------
-
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle references something the safe loader does not allow."""
@@ -85,7 +83,6 @@ _MODULE_INTERNALS = frozenset([
     '_init_args', '_init_kwargs',
 ])
 
-# ----------------------------------------------------------------------------
 # Public API.
 
 
@@ -140,7 +137,6 @@ def save_network_pkl(data: dict, path: Union[str, os.PathLike]) -> None:
             os.remove(tmp_path)
         raise
 
-# ----------------------------------------------------------------------------
 # Snapshot layout.
 
 
@@ -191,12 +187,15 @@ def _convert_to_fp16(data: dict) -> None:
             continue
         if not persistence.is_persistent(old):
             raise ValueError(f'force_fp16: "{key}" ({type(old).__name__}) is not a persistent network')
+        if any(name.split('.')[-1].startswith('lora_') for name, _ in old.named_parameters()):
+            raise ValueError(f'force_fp16: "{key}" carries adapters, which a rebuild from its init arguments would drop; '
+                             f'load the base pickle with force_fp16 and then its adapter file (training.adapters.load).')
         kwargs = copy.deepcopy(old.init_kwargs)
-        fp16_kwargs = kwargs.get('synthesis_kwargs', kwargs)
-        fp16_kwargs['num_fp16_res'] = 4
-        fp16_kwargs['conv_clamp'] = 256
+        # Generators keep these options inside synthesis_kwargs, discriminators at top level.
+        target = kwargs['synthesis_kwargs'] if 'synthesis_kwargs' in kwargs else kwargs
+        target.update(num_fp16_res=4, conv_clamp=256)
         if kwargs == old.init_kwargs:
-            continue
+            continue  # already configured that way
         with dnnlib.util.restrict_name_lookup(_allowed_name_lookup):
             new = type(old)(*old.init_args, **kwargs).eval().requires_grad_(False)
         # Buffers registered after construction (e.g. dataset_label_std) are carried over.
@@ -207,7 +206,6 @@ def _convert_to_fp16(data: dict) -> None:
         misc.copy_params_and_buffers(old, new, require_all=True)
         data[key] = new
 
-# ----------------------------------------------------------------------------
 # Trusted (official) unpickling.
 
 
@@ -216,12 +214,13 @@ class _TFNetworkStub(dnnlib.EasyDict):
 
 
 class _TrustedUnpickler(pickle.Unpickler):
+    """Plain unpickling, except that TensorFlow-era networks become inert stubs."""
+
     def find_class(self, module: str, name: str) -> Any:
-        if module == 'dnnlib.tflib.network' and name == 'Network':
+        if (module, name) == ('dnnlib.tflib.network', 'Network'):
             return _TFNetworkStub
         return super().find_class(module, name)
 
-# ----------------------------------------------------------------------------
 # Safe unpickling: allowed globals.
 
 
@@ -372,7 +371,6 @@ class _SafeUnpickler(pickle.Unpickler):
             return torch.__dict__[name]
         raise self.refuse(f'global "{module}.{name}"')
 
-# ----------------------------------------------------------------------------
 # Safe unpickling: persistent objects.
 
 
@@ -560,8 +558,6 @@ def _restore_attributes(obj: torch.nn.Module, class_name: str, state: dict) -> N
 
 def _shape(value: Any) -> Any:
     return None if value is None else list(value.shape)
-
-# ----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager

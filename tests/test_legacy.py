@@ -343,6 +343,10 @@ def test_adapter_injected_generator_survives_safe_loading(golden_g):
     adapters.select(loaded, 1)
     assert torch.equal(_render(loaded, golden_g)['image'], _render(G, golden_g)['image'])
 
+    # force_fp16 rebuilds networks from their init arguments, which would drop the adapters: refused clearly.
+    with pytest.raises(ValueError, match='carries adapters'):
+        legacy.load_network_pkl(io.BytesIO(_pickle_bytes({'G': G, 'G_ema': G})), force_fp16=True)
+
 
 def test_force_fp16_rebuilds_networks(official, golden_dir):
     data = legacy.load_network_pkl(golden_dir / OFFICIAL_PKL, force_fp16=True)
