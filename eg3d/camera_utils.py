@@ -31,6 +31,21 @@ def _orbit_origins(h: torch.Tensor, v: torch.Tensor, radius: float) -> torch.Ten
     return origins
 
 
+def _standard_normal(batch_size: int, device) -> torch.Tensor:
+    return torch.randn((batch_size, 1), device=device)
+
+
+def _symmetric_uniform(batch_size: int, device) -> torch.Tensor:
+    return torch.rand((batch_size, 1), device=device) * 2 - 1
+
+
+def _draw_angles(noise, horizontal_mean, vertical_mean, horizontal_stddev, vertical_stddev, batch_size, device):
+    """(azimuth, polar) [B, 1] each as mean + stddev * noise; the azimuth noise is drawn first."""
+    horizontal = noise(batch_size, device) * horizontal_stddev + horizontal_mean
+    vertical = noise(batch_size, device) * vertical_stddev + vertical_mean
+    return horizontal, vertical
+
+
 class GaussianCameraPoseSampler:
     """Yaw/pitch ~ Normal(mean, stddev), camera looking at the origin.
 
@@ -40,8 +55,8 @@ class GaussianCameraPoseSampler:
 
     @staticmethod
     def sample(horizontal_mean, vertical_mean, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
-        h = torch.randn((batch_size, 1), device=device) * horizontal_stddev + horizontal_mean
-        v = torch.randn((batch_size, 1), device=device) * vertical_stddev + vertical_mean
+        h, v = _draw_angles(_standard_normal, horizontal_mean, vertical_mean, horizontal_stddev, vertical_stddev,
+                            batch_size, device)
         origins = _orbit_origins(h, v, radius)
         return create_cam2world_matrix(math_utils.normalize_vecs(-origins), origins)
 
@@ -55,8 +70,8 @@ class LookAtPoseSampler:
 
     @staticmethod
     def sample(horizontal_mean, vertical_mean, lookat_position, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
-        h = torch.randn((batch_size, 1), device=device) * horizontal_stddev + horizontal_mean
-        v = torch.randn((batch_size, 1), device=device) * vertical_stddev + vertical_mean
+        h, v = _draw_angles(_standard_normal, horizontal_mean, vertical_mean, horizontal_stddev, vertical_stddev,
+                            batch_size, device)
         origins = _orbit_origins(h, v, radius)
         return create_cam2world_matrix(math_utils.normalize_vecs(lookat_position - origins), origins)
 
@@ -70,8 +85,8 @@ class UniformCameraPoseSampler:
 
     @staticmethod
     def sample(horizontal_mean, vertical_mean, horizontal_stddev=0, vertical_stddev=0, radius=1, batch_size=1, device='cpu'):
-        h = (torch.rand((batch_size, 1), device=device) * 2 - 1) * horizontal_stddev + horizontal_mean
-        v = (torch.rand((batch_size, 1), device=device) * 2 - 1) * vertical_stddev + vertical_mean
+        h, v = _draw_angles(_symmetric_uniform, horizontal_mean, vertical_mean, horizontal_stddev, vertical_stddev,
+                            batch_size, device)
         origins = _orbit_origins(h, v, radius)
         return create_cam2world_matrix(math_utils.normalize_vecs(-origins), origins)
 
@@ -82,17 +97,19 @@ def create_cam2world_matrix(forward_vector: torch.Tensor, origin: torch.Tensor) 
     No roll: the camera's x axis stays horizontal (y up in the world). The rotation columns are
     (right, up, forward) with right = -normalize(world_up x forward).
     """
-    forward_vector = math_utils.normalize_vecs(forward_vector)
-    world_up = torch.tensor([0, 1, 0], dtype=torch.float, device=origin.device).expand_as(forward_vector)
-    right_vector = -math_utils.normalize_vecs(torch.cross(world_up, forward_vector, dim=-1))
-    up_vector = math_utils.normalize_vecs(torch.cross(forward_vector, right_vector, dim=-1))
+    fwd = math_utils.normalize_vecs(forward_vector)
+    world_y = torch.tensor([0, 1, 0], dtype=torch.float, device=origin.device).expand_as(fwd)
+    right = -math_utils.normalize_vecs(torch.cross(world_y, fwd, dim=-1))
+    up = math_utils.normalize_vecs(torch.cross(fwd, right, dim=-1))
 
-    B = forward_vector.shape[0]
-    rotation = torch.eye(4, device=origin.device).unsqueeze(0).repeat(B, 1, 1)
-    rotation[:, :3, :3] = torch.stack((right_vector, up_vector, forward_vector), dim=-1)
-    translation = torch.eye(4, device=origin.device).unsqueeze(0).repeat(B, 1, 1)
+    def identity_batch():
+        return torch.eye(4, device=origin.device).unsqueeze(0).repeat(fwd.shape[0], 1, 1)
+
+    rotation = identity_batch()
+    rotation[:, :3, :3] = torch.stack((right, up, fwd), dim=-1)
+    translation = identity_batch()
     translation[:, :3, 3] = origin
-    cam2world = translation @ rotation
+    cam2world = translation @ rotation  # rotate first, then move to the camera centre
     assert cam2world.shape[1:] == (4, 4)
     return cam2world
 

@@ -8,10 +8,12 @@ strings such as `class_name='training.triplane.TriPlaneGenerator'` work unchange
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib
 import io
+import operator
 import os
 import pickle
 import re
@@ -29,7 +31,6 @@ from typing import Any, BinaryIO, Optional, Tuple, Union
 import numpy as np
 
 
-# ----------------------------------------------------------------------------
 # Attribute dict and logger.
 
 class EasyDict(dict):
@@ -60,12 +61,10 @@ class Logger:
     """
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = 'w', should_flush: bool = True):
-        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.file = None if file_name is None else open(file_name, file_mode)
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.stdout, self.stderr = sys.stdout, sys.stderr  # restored by close()
+        sys.stdout = sys.stderr = self
 
     def __enter__(self) -> 'Logger':
         return self
@@ -73,21 +72,22 @@ class Logger:
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         self.close()
 
+    def _targets(self):
+        return [stream for stream in (self.file, self.stdout) if stream is not None]
+
     def write(self, text: Union[str, bytes]) -> None:
         if isinstance(text, bytes):
             text = text.decode()
-        if len(text) == 0:
-            return
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
+        if not text:
+            return  # some debuggers crash on an empty write followed by a flush
+        for stream in self._targets():
+            stream.write(text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for stream in self._targets():
+            stream.flush()
 
     def isatty(self) -> bool:
         return False
@@ -95,6 +95,7 @@ class Logger:
     def close(self) -> None:
         """Flush, close the file and restore the streams (only those still pointing here)."""
         self.flush()
+        # A logger opened later may have taken over a stream: leave that one alone.
         if sys.stdout is self:
             sys.stdout = self.stdout
         if sys.stderr is self:
@@ -104,7 +105,6 @@ class Logger:
             self.file = None
 
 
-# ----------------------------------------------------------------------------
 # Cache directory.
 
 _dnnlib_cache_dir: Optional[str] = None
@@ -121,67 +121,64 @@ def make_cache_dir_path(*paths: str) -> str:
         return os.path.join(_dnnlib_cache_dir, *paths)
     if 'DNNLIB_CACHE_DIR' in os.environ:
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'HOME' in os.environ:
-        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
-    if 'USERPROFILE' in os.environ:
-        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
+    for home_var in ('HOME', 'USERPROFILE'):  # POSIX, then Windows
+        if home_var in os.environ:
+            return os.path.join(os.environ[home_var], '.cache', 'dnnlib', *paths)
     return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
 
 
-# ----------------------------------------------------------------------------
 # Small helpers.
+
+def _split_duration(seconds: Union[int, float]) -> Tuple[int, int, int, int, int]:
+    """(total seconds, days, hours, minutes, seconds) of a duration rounded to whole seconds."""
+    total = int(np.rint(seconds))
+    minutes, secs = divmod(total, 60)
+    hours, mins = divmod(minutes, 60)
+    days, hrs = divmod(hours, 24)
+    return total, days, hrs, mins, secs
+
 
 def format_time(seconds: Union[int, float]) -> str:
     """Human-readable duration: '42s', '3m 07s', '2h 05m 09s', '1d 03h 20m'."""
-    s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s'
-    return f'{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m'
+    total, days, hrs, mins, secs = _split_duration(seconds)
+    if total < 60:
+        return f'{total}s'
+    if total < 3600:
+        return f'{total // 60}m {secs:02}s'
+    if days == 0:
+        return f'{hrs}h {mins:02}m {secs:02}s'
+    return f'{days}d {hrs:02}h {mins:02}m'
 
 
 def format_time_brief(seconds: Union[int, float]) -> str:
     """Like `format_time` but with only the two largest units."""
-    s = int(np.rint(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02}m'
-    return f'{s // 86400}d {(s // 3600) % 24:02}h'
+    total, days, hrs, mins, secs = _split_duration(seconds)
+    if total < 60:
+        return f'{total}s'
+    if total < 3600:
+        return f'{total // 60}m {secs:02}s'
+    if days == 0:
+        return f'{hrs}h {mins:02}m'
+    return f'{days}d {hrs:02}h'
 
 
 def tuple_product(t: Tuple) -> Any:
-    result = 1
-    for v in t:
-        result *= v
-    return result
+    return functools.reduce(operator.mul, t, 1)
 
 
 def is_pickleable(obj: Any) -> bool:
     try:
-        with io.BytesIO() as stream:
-            pickle.dump(obj, stream)
-        return True
+        pickle.dumps(obj)
     except Exception:
         return False
+    return True
 
 
-# ----------------------------------------------------------------------------
 # Looking up objects by dotted name.
 
 def get_obj_from_module(module: types.ModuleType, obj_name: str) -> Any:
-    """Follow the dotted attribute path `obj_name` starting at `module`."""
-    if obj_name == '':
-        return module
-    obj = module
-    for part in obj_name.split('.'):
-        obj = getattr(obj, part)
-    return obj
+    """Follow the dotted attribute path `obj_name` starting at `module` ('' = the module itself)."""
+    return functools.reduce(getattr, obj_name.split('.'), module) if obj_name else module
 
 
 def get_module_from_obj_name(obj_name: str) -> Tuple[types.ModuleType, str]:
@@ -190,12 +187,13 @@ def get_module_from_obj_name(obj_name: str) -> Tuple[types.ModuleType, str]:
     Tries the longest importable module prefix first. Shorthands 'np.' and 'tf.' are expanded.
     An error raised while importing an existing module is propagated (not masked).
     """
-    obj_name = re.sub('^np\\.', 'numpy.', obj_name)
-    obj_name = re.sub('^tf\\.', 'tensorflow.', obj_name)
+    for short, full in (('np.', 'numpy.'), ('tf.', 'tensorflow.')):
+        if obj_name.startswith(short):
+            obj_name = full + obj_name[len(short):]
     parts = obj_name.split('.')
-    candidates = [('.'.join(parts[:i]), '.'.join(parts[i:])) for i in range(len(parts), 0, -1)]
 
-    for module_name, local_name in candidates:
+    for cut in range(len(parts), 0, -1):  # longest module prefix first
+        module_name, local_name = '.'.join(parts[:cut]), '.'.join(parts[cut:])
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -259,19 +257,21 @@ def get_module_dir_by_obj_name(obj_name: str) -> str:
 
 
 def is_top_level_function(obj: Any) -> bool:
-    return callable(obj) and obj.__name__ in sys.modules[obj.__module__].__dict__
+    """A callable reachable under its own name from its module's namespace."""
+    if not callable(obj):
+        return False
+    return obj.__name__ in vars(sys.modules[obj.__module__])
 
 
 def get_top_level_function_name(obj: Any) -> str:
     if not is_top_level_function(obj):
         raise ValueError(f'{obj!r} is not a top-level function')
-    module = obj.__module__
-    if module == '__main__':
-        module = os.path.splitext(os.path.basename(sys.modules[module].__file__))[0]
-    return module + '.' + obj.__name__
+    module_name = obj.__module__
+    if module_name == '__main__':  # name the script's file instead
+        module_name = os.path.splitext(os.path.basename(sys.modules['__main__'].__file__))[0]
+    return f'{module_name}.{obj.__name__}'
 
 
-# ----------------------------------------------------------------------------
 # Files and URLs.
 
 def is_url(obj: Any, allow_file_urls: bool = False) -> bool:

@@ -106,10 +106,10 @@ def get_plugin(module_name: str, sources: List[str], headers: Optional[List[str]
     except OSError as e:
         raise PluginUnavailable(f'could not prepare the build directory: {e}',
                                 hint=f'make sure the sources exist and {EXTENSIONS_DIR_ENV} is writable') from e
-    if verbosity == 'brief':
-        print(f'Setting up PyTorch plugin "{module_name}" in {build_dir}... ', end='', flush=True)
-    elif verbosity == 'full':
-        print(f'Setting up PyTorch plugin "{module_name}" in {build_dir}...')
+    if verbosity != 'none':
+        # 'brief' keeps the outcome on the same line; 'full' is followed by the compiler output.
+        print(f'Compiling/loading CUDA plugin {module_name} ({build_dir})...',
+              end=(' ' if verbosity == 'brief' else '\n'), flush=True)
     try:
         import torch.utils.cpp_extension
         module = torch.utils.cpp_extension.load(
@@ -117,12 +117,12 @@ def get_plugin(module_name: str, sources: List[str], headers: Optional[List[str]
             sources=[os.path.join(build_dir, os.path.basename(s)) for s in sources], **build_kwargs)
     except Exception as e:
         if verbosity == 'brief':
-            print('Failed!')
+            print('failed.')
         compiling = 'Error building extension' in str(e)
         failed = 'the compiler failed' if compiling else f'loading failed ({type(e).__name__})'
         raise PluginUnavailable(f'{failed} (build directory {build_dir}):\n{_first_error_lines(str(e))}') from e
     if verbosity == 'brief':
-        print('Done.')
+        print('ok.')
     _loaded[module_name] = module
     return module
 
@@ -188,15 +188,15 @@ def _populate_build_dir(build_dir: str, files: List[str]) -> None:
     """Copy the sources into the keyed build dir once (atomic rename, safe for concurrent processes)."""
     if os.path.isdir(build_dir):
         return
-    tmp_dir = f'{build_dir}.tmp-{uuid.uuid4().hex}'
-    os.makedirs(tmp_dir)
+    staging = f'{build_dir}.tmp-{uuid.uuid4().hex}'
+    os.makedirs(staging)
     for path in files:
-        shutil.copyfile(path, os.path.join(tmp_dir, os.path.basename(path)))
+        shutil.copyfile(path, os.path.join(staging, os.path.basename(path)))
     try:
-        os.replace(tmp_dir, build_dir)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if not os.path.isdir(build_dir):
+        os.replace(staging, build_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isdir(build_dir):  # a concurrent process that got there first is fine
             raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -10,71 +11,62 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-import dnnlib
-
-# ----------------------------------------------------------------------------
-# Cached constant tensors: avoids re-creating (and re-uploading) the same constant.
-
-_constant_cache: dict = dict()
+_constant_cache: dict = dict()  # reused constant tensors (avoids rebuilding / re-uploading them)
 
 
 def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
     """A cached tensor holding `value` (broadcast to `shape` if given). Do not modify it in place."""
-    value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    if device is None:
-        device = torch.device('cpu')
-    if memory_format is None:
-        memory_format = torch.contiguous_format
+    array = np.asarray(value)
+    shape = None if shape is None else tuple(shape)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device('cpu') if device is None else device
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
 
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key, None)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
+    key = (array.shape, array.dtype, array.tobytes(), shape, dtype, device, memory_format)
+    cached = _constant_cache.get(key)
+    if cached is None:
+        cached = torch.as_tensor(array.copy(), dtype=dtype, device=device)
         if shape is not None:
-            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+            cached = torch.broadcast_to(cached, torch.broadcast_shapes(cached.shape, shape))
+        cached = cached.contiguous(memory_format=memory_format)
+        _constant_cache[key] = cached
+    return cached
 
 
 nan_to_num = torch.nan_to_num
 symbolic_assert = torch._assert  # pylint: disable=protected-access
 
-# ----------------------------------------------------------------------------
-
 
 @contextlib.contextmanager
 def suppress_tracer_warnings() -> Iterator[None]:
     """Silence torch.jit.TracerWarning inside the block (used around shape asserts)."""
-    flt = ('ignore', None, torch.jit.TracerWarning, None, 0)
-    warnings.filters.insert(0, flt)
+    # A filter entry is pushed by hand: catch_warnings() does not nest safely with tracing.
+    ignore_tracer = ('ignore', None, torch.jit.TracerWarning, None, 0)
+    warnings.filters.insert(0, ignore_tracer)
     try:
         yield
     finally:
-        if flt in warnings.filters:
-            warnings.filters.remove(flt)
+        if ignore_tracer in warnings.filters:
+            warnings.filters.remove(ignore_tracer)
 
 
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Any]) -> None:
-    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None = any size)."""
+    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None = any size).
+
+    Sizes that are tensors (while tracing) are checked with a symbolic assert instead.
+    """
     if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is None:
+        raise AssertionError(f'shape check: expected {len(ref_shape)} dimensions, tensor has {tensor.ndim}')
+    for dim, (actual, wanted) in enumerate(zip(tensor.shape, ref_shape)):
+        if wanted is None:
             continue
-        if isinstance(ref_size, torch.Tensor):
+        if isinstance(actual, torch.Tensor) or isinstance(wanted, torch.Tensor):
             with suppress_tracer_warnings():
-                symbolic_assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
-        elif isinstance(size, torch.Tensor):
-            with suppress_tracer_warnings():
-                symbolic_assert(torch.equal(size, torch.as_tensor(ref_size)), f'Wrong size for dimension {idx}: expected {ref_size}')
-        elif size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
+                same = torch.equal(torch.as_tensor(actual), torch.as_tensor(wanted))
+                symbolic_assert(same, f'shape check: dimension {dim} should be {wanted}')
+        elif actual != wanted:
+            raise AssertionError(f'shape check: dimension {dim} has size {actual}, expected {wanted}')
 
 
 def profiled_function(fn):
@@ -87,8 +79,6 @@ def profiled_function(fn):
     decorator.__doc__ = fn.__doc__
     decorator.__wrapped__ = fn
     return decorator
-
-# ----------------------------------------------------------------------------
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -116,25 +106,21 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = np.arange(len(self.dataset))
-        rnd = None
+        rng = None
         window = 0
         if self.shuffle:
-            rnd = np.random.RandomState(self.seed)
-            rnd.shuffle(order)
+            rng = np.random.RandomState(self.seed)
+            rng.shuffle(order)
             window = int(np.rint(order.size * self.window_size))
 
-        idx = 0
-        while True:
-            i = idx % order.size
-            if idx % self.num_replicas == self.rank:
-                yield order[i]
+        for step in itertools.count():
+            slot = step % order.size
+            if step % self.num_replicas == self.rank:
+                yield order[slot]
             if window >= 2:
-                j = (i - rnd.randint(window)) % order.size
-                order[i], order[j] = order[j], order[i]
-            idx += 1
-
-# ----------------------------------------------------------------------------
-# Parameters and buffers.
+                # Keep reshuffling: swap this slot with one at most `window` positions back.
+                partner = (slot - rng.randint(window)) % order.size
+                order[slot], order[partner] = order[partner], order[slot]
 
 
 def params_and_buffers(module: torch.nn.Module) -> List[torch.Tensor]:
@@ -158,21 +144,18 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
     """
     if not isinstance(src_module, torch.nn.Module) or not isinstance(dst_module, torch.nn.Module):
         raise TypeError('copy_params_and_buffers() expects two torch.nn.Module objects')
-    src_tensors = dict(named_params_and_buffers(src_module))
+    source = dict(named_params_and_buffers(src_module))
     for name, tensor in named_params_and_buffers(dst_module):
-        if name not in src_tensors:
+        if name not in source:
             if require_all:
                 raise KeyError(f'copy_params_and_buffers: "{name}" is missing from the source module')
             print(f'Warning: parameter {name} is not in the source module!')
             continue
-        src = src_tensors[name]
+        src = source[name]
         if src.shape != tensor.shape:
             raise ValueError(f'copy_params_and_buffers: shape mismatch for "{name}": '
                              f'source {list(src.shape)}, destination {list(tensor.shape)}')
         tensor.copy_(src.detach()).requires_grad_(tensor.requires_grad)
-
-# ----------------------------------------------------------------------------
-# DistributedDataParallel helpers.
 
 
 @contextlib.contextmanager
@@ -180,11 +163,11 @@ def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
     """Skip DDP gradient all-reduce inside the block when `sync` is False."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError('expected a torch.nn.Module')
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        yield
-    else:
+    if not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
         with module.no_sync():
             yield
+    else:
+        yield
 
 
 def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:
@@ -195,18 +178,16 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
     if not isinstance(module, torch.nn.Module):
         raise TypeError('expected a torch.nn.Module')
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
+        qualified = f'{type(module).__name__}.{name}'
+        if ignore_regex is not None and re.fullmatch(ignore_regex, qualified):
             continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = nan_to_num(tensor)
-        other = tensor.clone()
-        torch.distributed.broadcast(tensor=other, src=0)
-        if not (tensor == other).all():
-            raise AssertionError(f'{fullname} differs between processes')
-
-# ----------------------------------------------------------------------------
+        mine = tensor.detach()
+        if mine.is_floating_point():
+            mine = nan_to_num(mine)  # so that NaNs compare equal
+        rank0 = mine.clone()
+        torch.distributed.broadcast(tensor=rank0, src=0)
+        if not (mine == rank0).all():
+            raise AssertionError(f'{qualified} differs between processes')
 
 
 def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nesting: int = 3,
@@ -218,65 +199,60 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
     if not isinstance(inputs, (tuple, list)):
         raise TypeError('inputs must be a tuple or list')
 
-    entries = []
-    nesting = [0]
+    finished = []  # (submodule, its tensor outputs) in the order the calls return
+    depth = [0]
 
-    def pre_hook(_mod, _inputs):
-        nesting[0] += 1
+    def enter(_mod, _inputs):
+        depth[0] += 1
 
-    def post_hook(mod, _inputs, outputs):
-        nesting[0] -= 1
-        if nesting[0] <= max_nesting:
-            outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-            outputs = [t for t in outputs if isinstance(t, torch.Tensor)]
-            entries.append(dnnlib.EasyDict(mod=mod, outputs=outputs))
+    def leave(mod, _inputs, outputs):
+        depth[0] -= 1
+        if depth[0] <= max_nesting:
+            outs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+            finished.append((mod, [t for t in outs if isinstance(t, torch.Tensor)]))
 
-    hooks = [mod.register_forward_pre_hook(pre_hook) for mod in module.modules()]
-    hooks += [mod.register_forward_hook(post_hook) for mod in module.modules()]
+    handles = [mod.register_forward_pre_hook(enter) for mod in module.modules()]
+    handles += [mod.register_forward_hook(leave) for mod in module.modules()]
     try:
         outputs = module(*inputs)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
 
-    # Count each tensor once: at the first (innermost-finished) module that owns or produced it.
-    tensors_seen = set()
-    for e in entries:
-        e.unique_params = [t for t in e.mod.parameters() if id(t) not in tensors_seen]
-        e.unique_buffers = [t for t in e.mod.buffers() if id(t) not in tensors_seen]
-        e.unique_outputs = [t for t in e.outputs if id(t) not in tensors_seen]
-        tensors_seen |= {id(t) for t in e.unique_params + e.unique_buffers + e.unique_outputs}
-    if skip_redundant:
-        entries = [e for e in entries if e.unique_params or e.unique_buffers or e.unique_outputs]
+    # Each tensor is counted once: at the first (innermost-finished) module that owns or produced it.
+    seen = set()
 
-    rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']]
-    rows += [['---'] * len(rows[0])]
-    param_total = 0
-    buffer_total = 0
-    submodule_names = {mod: name for name, mod in module.named_modules()}
-    for e in entries:
-        name = '<top-level>' if e.mod is module else submodule_names.get(e.mod, type(e.mod).__name__)
-        param_size = sum(t.numel() for t in e.unique_params)
-        buffer_size = sum(t.numel() for t in e.unique_buffers)
-        output_shapes = [str(list(t.shape)) for t in e.outputs]
-        output_dtypes = [str(t.dtype).split('.')[-1] for t in e.outputs]
-        rows += [[
-            name + (':0' if len(e.outputs) >= 2 else ''),
-            str(param_size) if param_size else '-',
-            str(buffer_size) if buffer_size else '-',
-            (output_shapes + ['-'])[0],
-            (output_dtypes + ['-'])[0],
-        ]]
-        for idx in range(1, len(e.outputs)):
-            rows += [[name + f':{idx}', '-', '-', output_shapes[idx], output_dtypes[idx]]]
-        param_total += param_size
-        buffer_total += buffer_size
-    rows += [['---'] * len(rows[0])]
-    rows += [['Total', str(param_total), str(buffer_total), '-', '-']]
+    def unseen(tensors):
+        return [t for t in tensors if id(t) not in seen]
 
-    widths = [max(len(cell) for cell in column) for column in zip(*rows)]
+    listed = []
+    for mod, outs in finished:
+        own_params, own_buffers, new_outs = unseen(mod.parameters()), unseen(mod.buffers()), unseen(outs)
+        seen.update(id(t) for t in own_params + own_buffers + new_outs)
+        if own_params or own_buffers or new_outs or not skip_redundant:
+            listed.append((mod, outs, own_params, own_buffers))
+
+    header = [type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']
+    rule = ['---'] * len(header)
+    table = [header, rule]
+    names = {mod: name for name, mod in module.named_modules()}
+    total_params = total_buffers = 0
+    for mod, outs, own_params, own_buffers in listed:
+        label = '<top-level>' if mod is module else names.get(mod, type(mod).__name__)
+        n_params = sum(t.numel() for t in own_params)
+        n_buffers = sum(t.numel() for t in own_buffers)
+        shapes = [str(list(t.shape)) for t in outs] or ['-']
+        dtypes = [str(t.dtype).split('.')[-1] for t in outs] or ['-']
+        table.append([label + (':0' if len(outs) > 1 else ''), str(n_params) if n_params else '-',
+                      str(n_buffers) if n_buffers else '-', shapes[0], dtypes[0]])
+        table.extend([f'{label}:{i}', '-', '-', shapes[i], dtypes[i]] for i in range(1, len(outs)))
+        total_params += n_params
+        total_buffers += n_buffers
+    table += [rule, ['Total', str(total_params), str(total_buffers), '-', '-']]
+
+    widths = [max(len(cell) for cell in column) for column in zip(*table)]
     print()
-    for row in rows:
-        print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
+    for row in table:
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     print()
     return outputs

@@ -27,7 +27,6 @@ import torch
 
 import dnnlib
 
-# ----------------------------------------------------------------------------
 
 _version = 6                                   # format version written into every meta dict
 _decorators: set = set()                       # all persistent classes
@@ -43,8 +42,6 @@ _safe_registry: Dict[str, Dict[str, type]] = dict()
 # EG3D pickles store bare class names. Where several of our modules define the same name, the
 # class in the module listed here wins (the official EG3D generators use the StyleGAN2 ones).
 _preferred_modules = ('training.networks_stylegan2',)
-
-# ----------------------------------------------------------------------------
 
 
 def persistent_class(orig_class: type) -> type:
@@ -63,11 +60,11 @@ def persistent_class(orig_class: type) -> type:
         return orig_class
     if orig_class.__module__ not in sys.modules:
         raise RuntimeError(f'Module {orig_class.__module__} of class {orig_class.__name__} is not imported')
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src(orig_module)
+    # The whole defining module is embedded, so helpers next to the class travel with it.
+    defining_src = _module_to_src(sys.modules[orig_class.__module__])
 
     class Decorator(orig_class):
-        _orig_module_src = orig_module_src
+        _orig_module_src = defining_src
         _orig_class_name = orig_class.__name__
 
         def __init__(self, *args, **kwargs):
@@ -104,12 +101,8 @@ def persistent_class(orig_class: type) -> type:
 
 def is_persistent(obj: Any) -> bool:
     """Whether `obj` is a persistent class or an instance of one."""
-    try:
-        if obj in _decorators:
-            return True
-    except TypeError:
-        pass
-    return type(obj) in _decorators  # pylint: disable=unidiomatic-typecheck
+    cls = obj if isinstance(obj, type) else type(obj)
+    return cls in _decorators
 
 
 def import_hook(hook: Callable) -> Callable:
@@ -124,7 +117,6 @@ def import_hook(hook: Callable) -> Callable:
     return hook
 
 
-# ----------------------------------------------------------------------------
 # Registry used by the safe loader.
 
 def register_safe_class(cls: type) -> type:
@@ -148,7 +140,6 @@ def find_safe_class(class_name: str) -> type:
     raise KeyError(f'class name "{class_name}" is ambiguous: defined in {sorted(candidates)}')
 
 
-# ----------------------------------------------------------------------------
 # Trusted reconstruction (official behaviour): executes the embedded module source.
 
 def _reconstruct_persistent_obj(meta: dict) -> Any:
@@ -157,8 +148,7 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
     WARNING: for sources not already loaded in this process this executes `meta['module_src']`.
     Only reached by plain `pickle.load` (trusted files) and by `copy.deepcopy`.
     """
-    meta = dnnlib.EasyDict(meta)
-    meta.state = dnnlib.EasyDict(meta.state)
+    meta = dnnlib.EasyDict(meta, state=dnnlib.EasyDict(meta['state']))
     for hook in _import_hooks:
         meta = hook(meta)
         if meta is None:
@@ -180,44 +170,41 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
         except KeyError as e:
             raise ValueError(f'Persistent object "{meta.class_name}" carries no module source and {e.args[0]}; '
                              f'use the safe loader (legacy.load_network_pkl without allow_unsafe).') from None
-    obj = decorator_class.__new__(decorator_class)
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state)  # pylint: disable=not-callable
+    obj = decorator_class.__new__(decorator_class)  # no __init__: the state is restored as saved
+    if callable(getattr(obj, '__setstate__', None)):
+        obj.__setstate__(meta.state)
     else:
-        obj.__dict__.update(meta.state)
+        vars(obj).update(meta.state)
     return obj
 
 
 def _module_to_src(module: types.ModuleType) -> str:
     """Source text of a module (cached). Empty string if the source cannot be found."""
-    src = _module_to_src_dict.get(module, None)
-    if src is None:
-        try:
-            src = inspect.getsource(module)
-        except (OSError, TypeError):
-            src = ''
-        _module_to_src_dict[module] = src
-        if src:
-            _src_to_module_dict.setdefault(src, module)
-    return src
+    if module in _module_to_src_dict:
+        return _module_to_src_dict[module]
+    try:
+        text = inspect.getsource(module)
+    except (OSError, TypeError):
+        text = ''
+    _module_to_src_dict[module] = text
+    if text:
+        _src_to_module_dict.setdefault(text, module)
+    return text
 
 
 def _src_to_module(src: str) -> types.ModuleType:
     """The module for a source text: an already loaded one, else a new module running `src`."""
-    module = _src_to_module_dict.get(src, None)
-    if module is None:
-        module_name = '_imported_module_' + uuid.uuid4().hex
-        module = types.ModuleType(module_name)
-        sys.modules[module_name] = module
-        _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
-        exec(src, module.__dict__)  # pylint: disable=exec-used
-    return module
+    known = _src_to_module_dict.get(src)
+    if known is not None:
+        return known
+    fresh = types.ModuleType(f'_imported_module_{uuid.uuid4().hex}')
+    # Registered before exec so that code in `src` can find its own module (e.g. for pickling).
+    sys.modules[fresh.__name__] = fresh
+    _module_to_src_dict[fresh] = src
+    _src_to_module_dict[src] = fresh
+    exec(src, fresh.__dict__)  # pylint: disable=exec-used
+    return fresh
 
-
-# ----------------------------------------------------------------------------
-# Checks on constructor arguments.
 
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes)
 

@@ -45,18 +45,16 @@ def report(name: str, value: Any) -> Any:
     Every process must report every name at least once, in the same order; a process with
     nothing to report can call `report(name, [])`.
     """
-    if name not in _counters:
-        _counters[name] = dict()
-    elems = torch.as_tensor(value)
-    if elems.numel() == 0:
+    per_device = _counters.setdefault(name, dict())  # registers the name even for empty reports
+    scalars = torch.as_tensor(value)
+    if scalars.numel() == 0:
         return value
-    elems = elems.detach().flatten().to(_reduce_dtype)
-    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
-    moments = moments.to(_counter_dtype)
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    flat = scalars.detach().flatten().to(_reduce_dtype)
+    # Reduce on the tensor's own device (no host sync); accumulate in float64.
+    stats = torch.stack([torch.ones_like(flat).sum(), flat.sum(), flat.square().sum()]).to(_counter_dtype)
+    if stats.device not in per_device:
+        per_device[stats.device] = torch.zeros_like(stats)
+    per_device[stats.device].add_(stats)
     return value
 
 
@@ -76,8 +74,9 @@ class Collector:
     def __init__(self, regex: str = '.*', keep_previous: bool = True):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative: Dict[str, torch.Tensor] = dict()
-        self._moments: Dict[str, torch.Tensor] = dict()
+        self._cumulative: Dict[str, torch.Tensor] = dict()  # global totals seen at the last update
+        self._moments: Dict[str, torch.Tensor] = dict()     # what arrived between the last two updates
+        # Start from the current totals, so that earlier reports are not counted.
         self.update()
         self._moments.clear()
 
@@ -89,46 +88,43 @@ class Collector:
         """Take the values accumulated since the previous update (one all-reduce if multi-process)."""
         if not self._keep_previous:
             self._moments.clear()
-        for name, cumulative in _sync(self.names()):
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-            delta = cumulative - self._cumulative[name]
-            self._cumulative[name].copy_(cumulative)
-            if float(delta[0]) != 0:
-                self._moments[name] = delta
+        for name, total in _sync(self.names()):
+            previous = self._cumulative.setdefault(name, torch.zeros([_num_moments], dtype=_counter_dtype))
+            increment = total - previous
+            previous.copy_(total)
+            if float(increment[0]) != 0:
+                self._moments[name] = increment
 
     def _get_delta(self, name: str) -> torch.Tensor:
         if not self._regex.fullmatch(name):
             raise KeyError(f'"{name}" does not match this collector\'s regex')
-        if name not in self._moments:
-            self._moments[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        return self._moments[name]
+        return self._moments.setdefault(name, torch.zeros([_num_moments], dtype=_counter_dtype))
+
+    def _stats(self, name: str) -> Tuple[float, float, float]:
+        count, total, total_sq = self._get_delta(name).tolist()
+        return count, total, total_sq
 
     def num(self, name: str) -> int:
-        return int(self._get_delta(name)[0])
+        return int(self._stats(name)[0])
 
     def mean(self, name: str) -> float:
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0:
-            return float('nan')
-        return float(delta[1] / delta[0])
+        count, total, _ = self._stats(name)
+        return float('nan') if count == 0 else total / count
 
     def std(self, name: str) -> float:
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
+        count, total, total_sq = self._stats(name)
+        if count == 0 or not np.isfinite(total):
             return float('nan')
-        if int(delta[0]) == 1:
+        if count == 1:
             return 0.0
-        mean = float(delta[1] / delta[0])
-        raw_var = float(delta[2] / delta[0])
-        return float(np.sqrt(max(raw_var - mean * mean, 0)))
+        mean = total / count
+        # Var = E[x^2] - E[x]^2, clipped at 0 against rounding.
+        return float(np.sqrt(max(total_sq / count - mean * mean, 0)))
 
     def as_dict(self) -> dnnlib.EasyDict:
         """{name: EasyDict(num=, mean=, std=)} for every collected name."""
-        stats = dnnlib.EasyDict()
-        for name in self.names():
-            stats[name] = dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-        return stats
+        return dnnlib.EasyDict({name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
+                                for name in self.names()})
 
     def __getitem__(self, name: str) -> float:
         return self.mean(name)
@@ -136,27 +132,24 @@ class Collector:
 
 def _sync(names: List[str]) -> List[Tuple[str, torch.Tensor]]:
     """Move the per-device counters of `names` into the global cumulative counters."""
-    if len(names) == 0:
+    if not names:
         return []
     global _sync_called
     _sync_called = True
 
-    device = _sync_device if _sync_device is not None else torch.device('cpu')
-    deltas = []
+    device = torch.device('cpu') if _sync_device is None else _sync_device
+    rows = []
     for name in names:
-        delta = torch.zeros([_num_moments], dtype=_counter_dtype, device=device)
+        row = torch.zeros([_num_moments], dtype=_counter_dtype, device=device)
         for counter in _counters[name].values():
-            delta.add_(counter.to(device))
-            counter.zero_()
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
-
+            row.add_(counter.to(device))
+            counter.zero_()  # handed over: start counting afresh
+        rows.append(row)
+    table = torch.stack(rows)
     if _sync_device is not None:
-        torch.distributed.all_reduce(deltas)
+        torch.distributed.all_reduce(table)  # sum over processes
 
-    deltas = deltas.cpu()
-    for idx, name in enumerate(names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        _cumulative[name].add_(deltas[idx])
+    table = table.cpu()
+    for name, row in zip(names, table):
+        _cumulative.setdefault(name, torch.zeros([_num_moments], dtype=_counter_dtype)).add_(row)
     return [(name, _cumulative[name]) for name in names]

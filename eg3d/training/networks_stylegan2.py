@@ -4,7 +4,7 @@ Reimplementation of the official EG3D `training/networks_stylegan2.py` (itself t
 configs E-F of Karras et al.). Class names, constructor signatures, attribute names and
 parameter/buffer names are kept identical so that official state dicts and pickles load
 unchanged; the arithmetic follows the official order of operations so results agree to
-float32 rounding.
+float32 rounding, and constructors draw their random initial values in the official order.
 
 Conventions shared by all layers:
 - weights are stored un-scaled (N(0,1) at init) and scaled at run time by `weight_gain`
@@ -26,14 +26,12 @@ from torch_utils.ops import conv2d_resample
 from torch_utils.ops import fma
 from torch_utils.ops import upfirdn2d
 
-#----------------------------------------------------------------------------
 
 @misc.profiled_function
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale `x` so that its mean square along `dim` is one."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
-#----------------------------------------------------------------------------
 
 @misc.profiled_function
 def modulated_conv2d(
@@ -41,8 +39,8 @@ def modulated_conv2d(
     weight: torch.Tensor,           # [O, I, kh, kw] shared convolution weight.
     styles: torch.Tensor,           # [N, I] per-sample input-channel scales.
     noise: Optional[torch.Tensor] = None,   # Added to the output (broadcastable to it).
-    up: int = 1,                    # Integer upsampling factor.
-    down: int = 1,                  # Integer downsampling factor.
+    up: int = 1,                    # Upsampling factor (integer).
+    down: int = 1,                  # Downsampling factor (integer).
     padding: int = 0,               # Padding relative to the upsampled image.
     resample_filter: Optional[torch.Tensor] = None,  # From upfirdn2d.setup_filter(); used when resampling.
     demodulate: bool = True,        # Normalise each output channel's per-sample weight to unit L2 norm?
@@ -57,56 +55,66 @@ def modulated_conv2d(
     a grouped convolution; the non-fused path scales x by s before and by the demodulation
     coefficients after a convolution with the shared W (cheaper in training, same result).
     """
-    batch_size = x.shape[0]
-    out_channels, in_channels, kh, kw = weight.shape
-    misc.assert_shape(weight, [out_channels, in_channels, kh, kw])
-    misc.assert_shape(x, [batch_size, in_channels, None, None])
-    misc.assert_shape(styles, [batch_size, in_channels])
+    n = x.shape[0]
+    c_out, c_in, kh, kw = weight.shape
+    misc.assert_shape(weight, [c_out, c_in, kh, kw])
+    misc.assert_shape(x, [n, c_in, None, None])
+    misc.assert_shape(styles, [n, c_in])
+    geometry = dict(f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
 
-    # In float16 the products below can overflow; rescale weight and styles by their max-abs
-    # values first. Demodulation cancels these constant factors exactly.
-    if x.dtype == torch.float16 and demodulate:
-        weight = weight * (1 / np.sqrt(in_channels * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
+    if demodulate and x.dtype == torch.float16:
+        # float16 products could overflow: bring weight and styles to max-abs ~1 first. The
+        # demodulation below divides these per-channel constants out again.
+        weight = weight * (1 / np.sqrt(c_in * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
 
-    # Per-sample weights [N, O, I, kh, kw] and demodulation coefficients [N, O].
-    w = None
-    dcoefs = None
-    if demodulate or fused_modconv:
-        w = weight.unsqueeze(0)
-        w = w * styles.reshape(batch_size, 1, -1, 1, 1)
+    # Per-sample weights [N, O, I, kh, kw] are needed to fuse, or to get the demodulation
+    # coefficients [N, O] (reciprocal L2 norm of each output channel's weights).
+    per_sample = None
+    demod = None
+    if fused_modconv or demodulate:
+        per_sample = weight.unsqueeze(0) * styles.reshape(n, 1, -1, 1, 1)
     if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
-    if demodulate and fused_modconv:
-        w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
+        demod = (per_sample.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
 
     if not fused_modconv:
-        # Modulate the activations, convolve with the shared weight, then demodulate (+ noise).
-        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
-        x = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), f=resample_filter,
-            up=up, down=down, padding=padding, flip_weight=flip_weight)
-        if demodulate and noise is not None:
-            x = fma.fma(x, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1), noise.to(x.dtype))
-        elif demodulate:
-            x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
-        elif noise is not None:
-            x = x.add_(noise.to(x.dtype))
-        return x
+        scaled_in = x * styles.to(x.dtype).reshape(n, -1, 1, 1)
+        out = conv2d_resample.conv2d_resample(x=scaled_in, w=weight.to(x.dtype), **geometry)
+        if not demodulate:
+            return out if noise is None else out.add_(noise.to(out.dtype))
+        out_scale = demod.to(out.dtype).reshape(n, -1, 1, 1)
+        return out * out_scale if noise is None else fma.fma(out, out_scale, noise.to(out.dtype))
 
-    # Fused: fold the batch into the channel axis and use one convolution group per sample.
-    with misc.suppress_tracer_warnings():  # the batch size becomes a trace-time constant
-        batch_size = int(batch_size)
-    misc.assert_shape(x, [batch_size, in_channels, None, None])
-    x = x.reshape(1, -1, *x.shape[2:])
-    w = w.reshape(-1, in_channels, kh, kw)
-    x = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=resample_filter,
-        up=up, down=down, padding=padding, groups=batch_size, flip_weight=flip_weight)
-    x = x.reshape(batch_size, -1, *x.shape[2:])
-    if noise is not None:
-        x = x.add_(noise)
-    return x
+    if demodulate:
+        per_sample = per_sample * demod.reshape(n, -1, 1, 1, 1)
+    # Fold the batch into the channel axis: one convolution group per sample.
+    with misc.suppress_tracer_warnings():  # a traced batch size becomes a constant here
+        n = int(n)
+    misc.assert_shape(x, [n, c_in, None, None])
+    grouped_w = per_sample.reshape(-1, c_in, kh, kw).to(x.dtype)
+    out = conv2d_resample.conv2d_resample(x=x.reshape(1, -1, *x.shape[2:]), w=grouped_w, groups=n, **geometry)
+    out = out.reshape(n, -1, *out.shape[2:])
+    return out if noise is None else out.add_(noise)
 
-#----------------------------------------------------------------------------
+
+def _activate(x: torch.Tensor, b: Optional[torch.Tensor], act: str, act_gain: float,
+              conv_clamp: Optional[float], gain: float) -> torch.Tensor:
+    """bias_act with the layer's default gain and clamp both multiplied by the caller's `gain`."""
+    clamp = None if conv_clamp is None else conv_clamp * gain
+    return bias_act.bias_act(x, b, act=act, gain=act_gain * gain, clamp=clamp)
+
+
+def _block_precision(block: torch.nn.Module, device: torch.device, force_fp32: bool):
+    """(dtype, memory_format) for a block: float16 / channels_last only on CUDA and when not forced off."""
+    fp32 = force_fp32 or device.type != 'cuda'
+    dtype = torch.float16 if (block.use_fp16 and not fp32) else torch.float32
+    layout = torch.channels_last if (block.channels_last and not fp32) else torch.contiguous_format
+    return dtype, layout
+
+
+def _memory_format(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
 
 @persistence.persistent_class
 class FullyConnectedLayer(torch.nn.Module):
@@ -124,27 +132,26 @@ class FullyConnectedLayer(torch.nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
+        # Stored divided by lr_multiplier and rescaled at run time, so the optimiser's steps
+        # shrink by lr_multiplier relative to the effective weight.
         self.weight = torch.nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
-        self.bias = torch.nn.Parameter(torch.full([out_features], np.float32(bias_init))) if bias else None
+        initial_bias = torch.full([out_features], np.float32(bias_init))
+        self.bias = torch.nn.Parameter(initial_bias) if bias else None
         self.weight_gain = lr_multiplier / np.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
     def forward(self, x):
-        w = self.weight.to(x.dtype) * self.weight_gain
-        b = self.bias
-        if b is not None:
-            b = b.to(x.dtype)
-            if self.bias_gain != 1:
-                b = b * self.bias_gain
-        if self.activation == 'linear' and b is not None:
-            return torch.addmm(b.unsqueeze(0), x, w.t())
-        x = x.matmul(w.t())
-        return bias_act.bias_act(x, b, act=self.activation)
+        weight = self.weight.to(x.dtype) * self.weight_gain
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if bias is not None and self.bias_gain != 1:
+            bias = bias * self.bias_gain
+        if bias is not None and self.activation == 'linear':
+            return torch.addmm(bias.unsqueeze(0), x, weight.t())  # bias + x @ W^T in one kernel
+        return bias_act.bias_act(x.matmul(weight.t()), bias, act=self.activation)
 
     def extra_repr(self):
         return f'in_features={self.in_features:d}, out_features={self.out_features:d}, activation={self.activation:s}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class Conv2dLayer(torch.nn.Module):
@@ -156,8 +163,8 @@ class Conv2dLayer(torch.nn.Module):
         kernel_size,                    # Square kernel size.
         bias            = True,         # Add a learned bias before the activation?
         activation      = 'linear',     # Activation name from bias_act.activation_funcs.
-        up              = 1,            # Integer upsampling factor.
-        down            = 1,            # Integer downsampling factor.
+        up              = 1,            # Upsampling factor (integer).
+        down            = 1,            # Downsampling factor (integer).
         resample_filter = [1,3,3,1],    # Low-pass filter used when resampling.
         conv_clamp      = None,         # Clamp outputs to +-conv_clamp; None disables.
         channels_last   = False,        # Store the weight in channels_last memory format?
@@ -170,39 +177,37 @@ class Conv2dLayer(torch.nn.Module):
         self.up = up
         self.down = down
         self.conv_clamp = conv_clamp
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
-        self.padding = kernel_size // 2
-        self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size ** 2))
+        self.padding = kernel_size // 2  # 'same' output size for odd kernels
         self.act_gain = bias_act.activation_funcs[activation].def_gain
+        self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size ** 2))  # 1 / sqrt(fan_in)
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
 
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        weight = torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format)
-        bias = torch.zeros([out_channels]) if bias else None
-        if trainable:
-            self.weight = torch.nn.Parameter(weight)
-            self.bias = torch.nn.Parameter(bias) if bias is not None else None
-        else:
-            self.register_buffer('weight', weight)
-            if bias is not None:
-                self.register_buffer('bias', bias)
-            else:
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        init_weight = torch.randn(shape).to(memory_format=_memory_format(channels_last))
+        init_bias = torch.zeros([out_channels]) if bias else None
+        if not trainable:
+            # Frozen (Freeze-D): the tensors stay in the state dict but get no gradients.
+            self.register_buffer('weight', init_weight)
+            if init_bias is None:
                 self.bias = None
+            else:
+                self.register_buffer('bias', init_bias)
+        else:
+            self.weight = torch.nn.Parameter(init_weight)
+            self.bias = None if init_bias is None else torch.nn.Parameter(init_bias)
 
     def forward(self, x, gain=1):
-        w = self.weight * self.weight_gain
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        flip_weight = (self.up == 1)  # correlation is slightly faster; transposed conv needs the flip
-        x = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=self.resample_filter,
-            up=self.up, down=self.down, padding=self.padding, flip_weight=flip_weight)
-        act_gain = self.act_gain * gain
-        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act.bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp)
+        scaled_w = (self.weight * self.weight_gain).to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        # Correlation is slightly faster; transposed convolutions (up > 1) need the flipped kernel.
+        y = conv2d_resample.conv2d_resample(x=x, w=scaled_w, f=self.resample_filter, up=self.up, down=self.down,
+                                            padding=self.padding, flip_weight=(self.up == 1))
+        return _activate(y, b, self.activation, self.act_gain, self.conv_clamp, gain)
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, '
                 f'activation={self.activation:s}, up={self.up}, down={self.down}')
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class MappingNetwork(torch.nn.Module):
@@ -228,57 +233,57 @@ class MappingNetwork(torch.nn.Module):
         self.num_layers = num_layers
         self.w_avg_beta = w_avg_beta
 
-        if embed_features is None:
-            embed_features = w_dim
         if c_dim == 0:
             embed_features = 0
-        if layer_features is None:
-            layer_features = w_dim
-        features = [z_dim + embed_features] + [layer_features] * (num_layers - 1) + [w_dim]
+        elif embed_features is None:
+            embed_features = w_dim
+        hidden = w_dim if layer_features is None else layer_features
+        widths = [z_dim + embed_features] + [hidden] * (num_layers - 1) + [w_dim]
 
         if c_dim > 0:
             self.embed = FullyConnectedLayer(c_dim, embed_features)
-        for idx in range(num_layers):
-            setattr(self, f'fc{idx}', FullyConnectedLayer(features[idx], features[idx + 1],
-                activation=activation, lr_multiplier=lr_multiplier))
+        for idx, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layer = FullyConnectedLayer(fan_in, fan_out, activation=activation, lr_multiplier=lr_multiplier)
+            setattr(self, f'fc{idx}', layer)
 
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer('w_avg', torch.zeros([w_dim]))
 
     def forward(self, z, c, truncation_psi=1, truncation_cutoff=None, update_emas=False):
-        # Normalise z and the embedded label separately, then concatenate.
-        x = None
+        # z and the embedded label are normalised separately, then concatenated.
+        inputs = []
         if self.z_dim > 0:
             misc.assert_shape(z, [None, self.z_dim])
-            x = normalize_2nd_moment(z.to(torch.float32))
+            inputs.append(normalize_2nd_moment(z.to(torch.float32)))
         if self.c_dim > 0:
             misc.assert_shape(c, [None, self.c_dim])
-            y = normalize_2nd_moment(self.embed(c.to(torch.float32)))
-            x = torch.cat([x, y], dim=1) if x is not None else y
+            inputs.append(normalize_2nd_moment(self.embed(c.to(torch.float32))))
+        w = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
 
         for idx in range(self.num_layers):
-            x = getattr(self, f'fc{idx}')(x)
+            w = getattr(self, f'fc{idx}')(w)
 
         if update_emas and self.w_avg_beta is not None:
             # w_avg <- beta * w_avg + (1 - beta) * batch mean
-            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+            batch_mean = w.detach().mean(dim=0)
+            self.w_avg.copy_(batch_mean.lerp(self.w_avg, self.w_avg_beta))
 
         if self.num_ws is not None:
-            x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
+            w = w.unsqueeze(1).repeat([1, self.num_ws, 1])
 
         # Truncation trick: w <- w_avg + psi * (w - w_avg), optionally only for the first ws.
         if truncation_psi != 1:
-            assert self.w_avg_beta is not None
-            if self.num_ws is None or truncation_cutoff is None:
-                x = self.w_avg.lerp(x, truncation_psi)
+            assert self.w_avg_beta is not None, 'truncation needs w_avg tracking (w_avg_beta is None)'
+            if self.num_ws is not None and truncation_cutoff is not None:
+                head = w[:, :truncation_cutoff]
+                w[:, :truncation_cutoff] = self.w_avg.lerp(head, truncation_psi)
             else:
-                x[:, :truncation_cutoff] = self.w_avg.lerp(x[:, :truncation_cutoff], truncation_psi)
-        return x
+                w = self.w_avg.lerp(w, truncation_psi)
+        return w
 
     def extra_repr(self):
         return f'z_dim={self.z_dim:d}, c_dim={self.c_dim:d}, w_dim={self.w_dim:d}, num_ws={self.num_ws:d}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SynthesisLayer(torch.nn.Module):
@@ -290,7 +295,7 @@ class SynthesisLayer(torch.nn.Module):
         w_dim,                          # w size (input of the affine style layer).
         resolution,                     # Output resolution of this layer.
         kernel_size     = 3,            # Square kernel size.
-        up              = 1,            # Integer upsampling factor.
+        up              = 1,            # Upsampling factor (integer).
         use_noise       = True,         # Add per-pixel noise?
         activation      = 'lrelu',      # Activation name from bias_act.activation_funcs.
         resample_filter = [1,3,3,1],    # Low-pass filter used when resampling.
@@ -306,44 +311,41 @@ class SynthesisLayer(torch.nn.Module):
         self.use_noise = use_noise
         self.activation = activation
         self.conv_clamp = conv_clamp
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
         self.padding = kernel_size // 2
         self.act_gain = bias_act.activation_funcs[activation].def_gain
+        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
 
+        # Creation order fixes the order of the random draws: affine, weight, noise_const.
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.weight = torch.nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        self.weight = torch.nn.Parameter(torch.randn(shape).to(memory_format=_memory_format(channels_last)))
         if use_noise:
             self.register_buffer('noise_const', torch.randn([resolution, resolution]))
             self.noise_strength = torch.nn.Parameter(torch.zeros([]))
         self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x, w, noise_mode='random', fused_modconv=True, gain=1):
-        assert noise_mode in ['random', 'const', 'none']
-        in_resolution = self.resolution // self.up
-        misc.assert_shape(x, [None, self.in_channels, in_resolution, in_resolution])
+        assert noise_mode in ('random', 'const', 'none'), f'unsupported noise_mode {noise_mode!r}'
+        side_in = self.resolution // self.up
+        misc.assert_shape(x, [None, self.in_channels, side_in, side_in])
         styles = self.affine(w)
 
         noise = None
-        if self.use_noise and noise_mode == 'random':
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         if self.use_noise and noise_mode == 'const':
             noise = self.noise_const * self.noise_strength
+        elif self.use_noise and noise_mode == 'random':
+            fresh = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device)
+            noise = fresh * self.noise_strength
 
-        flip_weight = (self.up == 1)
-        x = modulated_conv2d(x=x, weight=self.weight, styles=styles, noise=noise, up=self.up,
-            padding=self.padding, resample_filter=self.resample_filter, flip_weight=flip_weight,
-            fused_modconv=fused_modconv)
-
-        act_gain = self.act_gain * gain
-        act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=act_gain, clamp=act_clamp)
+        y = modulated_conv2d(x=x, weight=self.weight, styles=styles, noise=noise, up=self.up, padding=self.padding,
+                             resample_filter=self.resample_filter, flip_weight=(self.up == 1),
+                             fused_modconv=fused_modconv)
+        return _activate(y, self.bias.to(y.dtype), self.activation, self.act_gain, self.conv_clamp, gain)
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, w_dim={self.w_dim:d}, '
                 f'resolution={self.resolution:d}, up={self.up}, activation={self.activation:s}')
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class ToRGBLayer(torch.nn.Module):
@@ -356,21 +358,20 @@ class ToRGBLayer(torch.nn.Module):
         self.w_dim = w_dim
         self.conv_clamp = conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.weight = torch.nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
+        shape = [out_channels, in_channels, kernel_size, kernel_size]
+        self.weight = torch.nn.Parameter(torch.randn(shape).to(memory_format=_memory_format(channels_last)))
         self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / np.sqrt(in_channels * (kernel_size ** 2))
 
     def forward(self, x, w, fused_modconv=True):
         # Without demodulation the equalized-lr gain is folded into the styles.
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x=x, weight=self.weight, styles=styles, demodulate=False, fused_modconv=fused_modconv)
-        return bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        y = modulated_conv2d(x=x, weight=self.weight, styles=styles, demodulate=False, fused_modconv=fused_modconv)
+        return bias_act.bias_act(y, self.bias.to(y.dtype), clamp=self.conv_clamp)
 
     def extra_repr(self):
         return f'in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, w_dim={self.w_dim:d}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SynthesisBlock(torch.nn.Module):
@@ -391,7 +392,7 @@ class SynthesisBlock(torch.nn.Module):
         fused_modconv_default   = True,         # fused_modconv when the caller passes None; 'inference_only' = not self.training.
         **layer_kwargs,                         # Passed on to SynthesisLayer.
     ):
-        assert architecture in ['orig', 'skip', 'resnet']
+        assert architecture in ('orig', 'skip', 'resnet'), f'unsupported architecture {architecture!r}'
         super().__init__()
         self.in_channels = in_channels
         self.w_dim = w_dim
@@ -403,80 +404,64 @@ class SynthesisBlock(torch.nn.Module):
         self.channels_last = (use_fp16 and fp16_channels_last)
         self.fused_modconv_default = fused_modconv_default
         self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
-        self.num_conv = 0
-        self.num_torgb = 0
+        has_rgb = is_last or architecture == 'skip'
+        self.num_conv = 1 if in_channels == 0 else 2
+        self.num_torgb = 1 if has_rgb else 0
 
+        shared = dict(w_dim=w_dim, resolution=resolution, conv_clamp=conv_clamp, channels_last=self.channels_last)
         if in_channels == 0:
             self.const = torch.nn.Parameter(torch.randn([out_channels, resolution, resolution]))
-
-        if in_channels != 0:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
-                resample_filter=resample_filter, conv_clamp=conv_clamp, channels_last=self.channels_last, **layer_kwargs)
-            self.num_conv += 1
-
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution,
-            conv_clamp=conv_clamp, channels_last=self.channels_last, **layer_kwargs)
-        self.num_conv += 1
-
-        if is_last or architecture == 'skip':
-            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim,
-                conv_clamp=conv_clamp, channels_last=self.channels_last)
-            self.num_torgb += 1
-
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, up=2, resample_filter=resample_filter,
+                                        **shared, **layer_kwargs)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, **shared, **layer_kwargs)
+        if has_rgb:
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp,
+                                    channels_last=self.channels_last)
         if in_channels != 0 and architecture == 'resnet':
             self.skip = Conv2dLayer(in_channels, out_channels, kernel_size=1, bias=False, up=2,
-                resample_filter=resample_filter, channels_last=self.channels_last)
+                                    resample_filter=resample_filter, channels_last=self.channels_last)
 
     def forward(self, x, img, ws, force_fp32=False, fused_modconv=None, update_emas=False, **layer_kwargs):
-        _ = update_emas  # accepted for interface compatibility
+        del update_emas  # part of the common block interface; nothing to update here
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
-        w_iter = iter(ws.unbind(dim=1))
-        if ws.device.type != 'cuda':
-            force_fp32 = True  # float16 only on CUDA, as in the official code
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        dtype, layout = _block_precision(self, ws.device, force_fp32)
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == 'inference_only':
-            fused_modconv = (not self.training)  # fused for inference, separate ops for training
+            fused_modconv = not self.training  # fused for inference, separate ops for training
+        conv_kwargs = dict(fused_modconv=fused_modconv, **layer_kwargs)
+        next_w = iter(ws.unbind(dim=1)).__next__  # conv0, conv1, torgb consume the ws in order
 
-        # Input.
         if self.in_channels == 0:
-            x = self.const.to(dtype=dtype, memory_format=memory_format)
-            x = x.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            h = self.const.to(dtype=dtype, memory_format=layout).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            h = self.conv1(h, next_w(), **conv_kwargs)
         else:
             misc.assert_shape(x, [None, self.in_channels, self.resolution // 2, self.resolution // 2])
-            x = x.to(dtype=dtype, memory_format=memory_format)
+            h = x.to(dtype=dtype, memory_format=layout)
+            if self.architecture == 'resnet':
+                shortcut = self.skip(h, gain=np.sqrt(0.5))
+                h = self.conv0(h, next_w(), **conv_kwargs)
+                h = shortcut.add_(self.conv1(h, next_w(), gain=np.sqrt(0.5), **conv_kwargs))
+            else:
+                h = self.conv0(h, next_w(), **conv_kwargs)
+                h = self.conv1(h, next_w(), **conv_kwargs)
 
-        # Main layers.
-        if self.in_channels == 0:
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-        elif self.architecture == 'resnet':
-            y = self.skip(x, gain=np.sqrt(0.5))
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, gain=np.sqrt(0.5), **layer_kwargs)
-            x = y.add_(x)
-        else:
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-
-        # Skip image: upsample the previous image, add this block's toRGB output.
+        # Skip image: upsample the previous image, add this block's toRGB output (always float32).
         if img is not None:
             misc.assert_shape(img, [None, self.img_channels, self.resolution // 2, self.resolution // 2])
             img = upfirdn2d.upsample2d(img, self.resample_filter)
         if self.is_last or self.architecture == 'skip':
-            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
-            y = y.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            img = img.add_(y) if img is not None else y
+            rgb = self.torgb(h, next_w(), fused_modconv=fused_modconv)
+            rgb = rgb.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+            img = rgb if img is None else img.add_(rgb)
 
-        assert x.dtype == dtype
-        assert img is None or img.dtype == torch.float32
-        return x, img
+        assert h.dtype == dtype and (img is None or img.dtype == torch.float32)
+        return h, img
 
     def extra_repr(self):
         return f'resolution={self.resolution:d}, architecture={self.architecture:s}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class SynthesisNetwork(torch.nn.Module):
@@ -491,50 +476,47 @@ class SynthesisNetwork(torch.nn.Module):
         num_fp16_res    = 4,        # Run the N highest resolutions in float16 (CUDA only).
         **block_kwargs,             # Passed on to SynthesisBlock.
     ):
-        assert img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0
+        assert img_resolution >= 4 and (img_resolution & (img_resolution - 1)) == 0, \
+            f'img_resolution must be a power of two >= 4, got {img_resolution}'
         super().__init__()
+        log2 = int(np.log2(img_resolution))
         self.w_dim = w_dim
         self.img_resolution = img_resolution
-        self.img_resolution_log2 = int(np.log2(img_resolution))
+        self.img_resolution_log2 = log2
         self.img_channels = img_channels
         self.num_fp16_res = num_fp16_res
-        self.block_resolutions = [2 ** i for i in range(2, self.img_resolution_log2 + 1)]
-        channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}
-        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        self.block_resolutions = [2 ** k for k in range(2, log2 + 1)]
+        lowest_fp16_res = max(2 ** (log2 + 1 - num_fp16_res), 8)
+
+        def width(res):
+            return min(channel_base // res, channel_max)
 
         self.num_ws = 0
         for res in self.block_resolutions:
-            is_last = (res == self.img_resolution)
-            block = SynthesisBlock(channels[res // 2] if res > 4 else 0, channels[res], w_dim=w_dim,
-                resolution=res, img_channels=img_channels, is_last=is_last,
-                use_fp16=(res >= fp16_resolution), **block_kwargs)
+            last = res == img_resolution
+            block = SynthesisBlock(0 if res == 4 else width(res // 2), width(res), w_dim=w_dim, resolution=res,
+                                   img_channels=img_channels, is_last=last, use_fp16=(res >= lowest_fp16_res),
+                                   **block_kwargs)
             # Consecutive blocks share one w: a block's toRGB w is the next block's conv0 w.
-            self.num_ws += block.num_conv
-            if is_last:
-                self.num_ws += block.num_torgb
+            self.num_ws += block.num_conv + (block.num_torgb if last else 0)
             setattr(self, f'b{res}', block)
 
     def forward(self, ws, **block_kwargs):
         misc.assert_shape(ws, [None, self.num_ws, self.w_dim])
         ws = ws.to(torch.float32)
-        block_ws = []
-        w_idx = 0
+        x = img = None
+        first = 0
         for res in self.block_resolutions:
             block = getattr(self, f'b{res}')
-            block_ws.append(ws.narrow(1, w_idx, block.num_conv + block.num_torgb))
-            w_idx += block.num_conv
-
-        x = img = None
-        for res, cur_ws in zip(self.block_resolutions, block_ws):
-            block = getattr(self, f'b{res}')
-            x, img = block(x, img, cur_ws, **block_kwargs)
+            block_ws = ws.narrow(1, first, block.num_conv + block.num_torgb)
+            first += block.num_conv
+            x, img = block(x, img, block_ws, **block_kwargs)
         return img
 
     def extra_repr(self):
         return (f'w_dim={self.w_dim:d}, num_ws={self.num_ws:d}, img_resolution={self.img_resolution:d}, '
                 f'img_channels={self.img_channels:d}, num_fp16_res={self.num_fp16_res:d}')
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class Generator(torch.nn.Module):
@@ -544,7 +526,7 @@ class Generator(torch.nn.Module):
         z_dim,                      # Latent (z) size.
         c_dim,                      # Conditioning label (c) size.
         w_dim,                      # w size.
-        img_resolution,             # Output resolution.
+        img_resolution,             # Resolution of the generated image.
         img_channels,               # Output channels.
         mapping_kwargs      = {},   # Passed on to MappingNetwork.
         **synthesis_kwargs,         # Passed on to SynthesisNetwork.
@@ -555,15 +537,17 @@ class Generator(torch.nn.Module):
         self.w_dim = w_dim
         self.img_resolution = img_resolution
         self.img_channels = img_channels
-        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels, **synthesis_kwargs)
+        # The synthesis network is built first: it decides num_ws (and draws its init first).
+        self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,
+                                          **synthesis_kwargs)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
 
     def forward(self, z, c, truncation_psi=1, truncation_cutoff=None, update_emas=False, **synthesis_kwargs):
-        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas)
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
+                          update_emas=update_emas)
         return self.synthesis(ws, update_emas=update_emas, **synthesis_kwargs)
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class DiscriminatorBlock(torch.nn.Module):
@@ -584,8 +568,8 @@ class DiscriminatorBlock(torch.nn.Module):
         fp16_channels_last  = False,        # With float16, use channels_last memory format?
         freeze_layers       = 0,            # Freeze-D: layers with global index < this are buffers.
     ):
-        assert in_channels in [0, tmp_channels]
-        assert architecture in ['orig', 'skip', 'resnet']
+        assert in_channels in (0, tmp_channels), 'a discriminator block either reads the image or keeps its width'
+        assert architecture in ('orig', 'skip', 'resnet'), f'unsupported architecture {architecture!r}'
         super().__init__()
         self.in_channels = in_channels
         self.resolution = resolution
@@ -603,53 +587,47 @@ class DiscriminatorBlock(torch.nn.Module):
             self.num_layers += 1
             return trainable
 
+        conv_args = dict(activation=activation, conv_clamp=conv_clamp, channels_last=self.channels_last)
         if in_channels == 0 or architecture == 'skip':
-            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, activation=activation,
-                trainable=next_trainable(), conv_clamp=conv_clamp, channels_last=self.channels_last)
-
-        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, activation=activation,
-            trainable=next_trainable(), conv_clamp=conv_clamp, channels_last=self.channels_last)
-
-        self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, activation=activation, down=2,
-            trainable=next_trainable(), resample_filter=resample_filter, conv_clamp=conv_clamp, channels_last=self.channels_last)
-
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, trainable=next_trainable(),
+                                       **conv_args)
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, trainable=next_trainable(), **conv_args)
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, down=2, trainable=next_trainable(),
+                                 resample_filter=resample_filter, **conv_args)
         if architecture == 'resnet':
             self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, bias=False, down=2,
-                trainable=next_trainable(), resample_filter=resample_filter, channels_last=self.channels_last)
+                                    trainable=next_trainable(), resample_filter=resample_filter,
+                                    channels_last=self.channels_last)
 
     def forward(self, x, img, force_fp32=False):
-        if (x if x is not None else img).device.type != 'cuda':
-            force_fp32 = True  # float16 only on CUDA, as in the official code
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        dtype, layout = _block_precision(self, (img if x is None else x).device, force_fp32)
 
+        h = None
         if x is not None:
             misc.assert_shape(x, [None, self.in_channels, self.resolution, self.resolution])
-            x = x.to(dtype=dtype, memory_format=memory_format)
+            h = x.to(dtype=dtype, memory_format=layout)
 
         if self.in_channels == 0 or self.architecture == 'skip':
             misc.assert_shape(img, [None, self.img_channels, self.resolution, self.resolution])
-            img = img.to(dtype=dtype, memory_format=memory_format)
-            y = self.fromrgb(img)
-            x = x + y if x is not None else y
+            img = img.to(dtype=dtype, memory_format=layout)
+            from_img = self.fromrgb(img)
+            h = from_img if h is None else h + from_img
+            # Only the 'skip' architecture feeds the (downsampled) image to the next block.
             img = upfirdn2d.downsample2d(img, self.resample_filter) if self.architecture == 'skip' else None
 
-        if self.architecture == 'resnet':
-            y = self.skip(x, gain=np.sqrt(0.5))
-            x = self.conv0(x)
-            x = self.conv1(x, gain=np.sqrt(0.5))
-            x = y.add_(x)
+        if self.architecture != 'resnet':
+            h = self.conv1(self.conv0(h))
         else:
-            x = self.conv0(x)
-            x = self.conv1(x)
+            shortcut = self.skip(h, gain=np.sqrt(0.5))
+            h = self.conv0(h)
+            h = shortcut.add_(self.conv1(h, gain=np.sqrt(0.5)))
 
-        assert x.dtype == dtype
-        return x, img
+        assert h.dtype == dtype
+        return h, img
 
     def extra_repr(self):
         return f'resolution={self.resolution:d}, architecture={self.architecture:s}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class MinibatchStdLayer(torch.nn.Module):
@@ -661,26 +639,25 @@ class MinibatchStdLayer(torch.nn.Module):
         self.num_channels = num_channels
 
     def forward(self, x):
-        N, C, H, W = x.shape
+        batch, channels, height, width = x.shape
         with misc.suppress_tracer_warnings():  # as_tensor values are trace-time constants
-            G = torch.min(torch.as_tensor(self.group_size), torch.as_tensor(N)) if self.group_size is not None else N
-        F = self.num_channels
-        c = C // F
+            if self.group_size is None:
+                group = batch
+            else:
+                group = torch.min(torch.as_tensor(self.group_size), torch.as_tensor(batch))
+        feats = self.num_channels
 
-        # Split N as [G, n]: sample i is member i // n of group i % n. Split C as [F, c].
-        y = x.reshape(G, -1, F, c, H, W)
-        y = y - y.mean(dim=0)                 # deviation from the group mean
-        y = y.square().mean(dim=0)            # [n, F, c, H, W] variance over the group
-        y = (y + 1e-8).sqrt()                 # stddev
-        y = y.mean(dim=[2, 3, 4])             # [n, F] averaged over channels and pixels
-        y = y.reshape(-1, F, 1, 1)
-        y = y.repeat(G, 1, H, W)              # [N, F, H, W]
-        return torch.cat([x, y], dim=1)
+        # View as [group, n, feats, channels // feats, H, W]: sample i is member i // n of group
+        # i % n. The statistic is the stddev over the group, averaged over channels and pixels.
+        stats = x.reshape(group, -1, feats, channels // feats, height, width)
+        stats = stats - stats.mean(dim=0)
+        stats = (stats.square().mean(dim=0) + 1e-8).sqrt()
+        stats = stats.mean(dim=[2, 3, 4]).reshape(-1, feats, 1, 1)
+        return torch.cat([x, stats.repeat(group, 1, height, width)], dim=1)
 
     def extra_repr(self):
         return f'group_size={self.group_size}, num_channels={self.num_channels:d}'
 
-#----------------------------------------------------------------------------
 
 @persistence.persistent_class
 class DiscriminatorEpilogue(torch.nn.Module):
@@ -697,7 +674,7 @@ class DiscriminatorEpilogue(torch.nn.Module):
         activation          = 'lrelu',  # Activation name from bias_act.activation_funcs.
         conv_clamp          = None,     # Clamp conv outputs to +-conv_clamp; None disables.
     ):
-        assert architecture in ['orig', 'skip', 'resnet']
+        assert architecture in ('orig', 'skip', 'resnet'), f'unsupported architecture {architecture!r}'
         super().__init__()
         self.in_channels = in_channels
         self.cmap_dim = cmap_dim
@@ -707,72 +684,81 @@ class DiscriminatorEpilogue(torch.nn.Module):
 
         if architecture == 'skip':
             self.fromrgb = Conv2dLayer(img_channels, in_channels, kernel_size=1, activation=activation)
-        self.mbstd = MinibatchStdLayer(group_size=mbstd_group_size, num_channels=mbstd_num_channels) if mbstd_num_channels > 0 else None
-        self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, kernel_size=3, activation=activation, conv_clamp=conv_clamp)
-        self.fc = FullyConnectedLayer(in_channels * (resolution ** 2), in_channels, activation=activation)
-        self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
+        self.mbstd = None
+        if mbstd_num_channels > 0:
+            self.mbstd = MinibatchStdLayer(group_size=mbstd_group_size, num_channels=mbstd_num_channels)
+        self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, kernel_size=3, activation=activation,
+                                conv_clamp=conv_clamp)
+        self.fc = FullyConnectedLayer(in_channels * resolution * resolution, in_channels, activation=activation)
+        self.out = FullyConnectedLayer(in_channels, cmap_dim if cmap_dim > 0 else 1)
 
     def forward(self, x, img, cmap, force_fp32=False):
+        del force_fp32  # the epilogue always runs in float32
         misc.assert_shape(x, [None, self.in_channels, self.resolution, self.resolution])
-        _ = force_fp32  # the epilogue always runs in float32
-        dtype = torch.float32
-        memory_format = torch.contiguous_format
-
-        x = x.to(dtype=dtype, memory_format=memory_format)
+        h = x.to(dtype=torch.float32, memory_format=torch.contiguous_format)
         if self.architecture == 'skip':
             misc.assert_shape(img, [None, self.img_channels, self.resolution, self.resolution])
-            img = img.to(dtype=dtype, memory_format=memory_format)
-            x = x + self.fromrgb(img)
+            h = h + self.fromrgb(img.to(dtype=torch.float32, memory_format=torch.contiguous_format))
 
         if self.mbstd is not None:
-            x = self.mbstd(x)
-        x = self.conv(x)
-        x = self.fc(x.flatten(1))
-        x = self.out(x)
+            h = self.mbstd(h)
+        h = self.out(self.fc(self.conv(h).flatten(1)))
 
         # Projection discriminator: logit = <out, cmap> / sqrt(cmap_dim).
         if self.cmap_dim > 0:
             misc.assert_shape(cmap, [None, self.cmap_dim])
-            x = (x * cmap).sum(dim=1, keepdim=True) * (1 / np.sqrt(self.cmap_dim))
+            h = (h * cmap).sum(dim=1, keepdim=True) * (1 / np.sqrt(self.cmap_dim))
 
-        assert x.dtype == dtype
-        return x
+        assert h.dtype == torch.float32
+        return h
 
     def extra_repr(self):
         return f'resolution={self.resolution:d}, architecture={self.architecture:s}'
 
-#----------------------------------------------------------------------------
 
 def _build_discriminator_trunk(module, c_dim, img_resolution, img_channels, architecture, channel_base,
                                channel_max, num_fp16_res, conv_clamp, cmap_dim, block_kwargs, mapping_kwargs,
                                epilogue_kwargs):
     """Set c_dim / img_resolution / img_resolution_log2 / img_channels / block_resolutions on `module`
     and create its blocks b{res} (res = img_resolution .. 8), `mapping` (if c_dim > 0) and the
-    epilogue `b4`, in the official order (the weight init draws depend on it)."""
+    epilogue `b4`, in that order (the order of the random initial draws depends on it)."""
+    log2 = int(np.log2(img_resolution))
     module.c_dim = c_dim
     module.img_resolution = img_resolution
-    module.img_resolution_log2 = int(np.log2(img_resolution))
+    module.img_resolution_log2 = log2
     module.img_channels = img_channels
-    module.block_resolutions = [2 ** i for i in range(module.img_resolution_log2, 2, -1)]
-    channels = {res: min(channel_base // res, channel_max) for res in module.block_resolutions + [4]}
-    fp16_resolution = max(2 ** (module.img_resolution_log2 + 1 - num_fp16_res), 8)
+    module.block_resolutions = [2 ** k for k in range(log2, 2, -1)]
+    lowest_fp16_res = max(2 ** (log2 + 1 - num_fp16_res), 8)
 
-    if cmap_dim is None:
-        cmap_dim = channels[4]
+    def width(res):
+        return min(channel_base // res, channel_max)
+
     if c_dim == 0:
         cmap_dim = 0
+    elif cmap_dim is None:
+        cmap_dim = width(4)
 
-    common_kwargs = dict(img_channels=img_channels, architecture=architecture, conv_clamp=conv_clamp)
-    cur_layer_idx = 0
+    shared = dict(img_channels=img_channels, architecture=architecture, conv_clamp=conv_clamp)
+    layer_count = 0
     for res in module.block_resolutions:
-        in_channels = channels[res] if res < img_resolution else 0
-        block = DiscriminatorBlock(in_channels, channels[res], channels[res // 2], resolution=res,
-            first_layer_idx=cur_layer_idx, use_fp16=(res >= fp16_resolution), **block_kwargs, **common_kwargs)
+        block = DiscriminatorBlock(width(res) if res < img_resolution else 0, width(res), width(res // 2),
+                                   resolution=res, first_layer_idx=layer_count, use_fp16=(res >= lowest_fp16_res),
+                                   **block_kwargs, **shared)
+        layer_count += block.num_layers
         setattr(module, f'b{res}', block)
-        cur_layer_idx += block.num_layers
     if c_dim > 0:
-        module.mapping = MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None, **mapping_kwargs)
-    module.b4 = DiscriminatorEpilogue(channels[4], cmap_dim=cmap_dim, resolution=4, **epilogue_kwargs, **common_kwargs)
+        module.mapping = MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None,
+                                        **mapping_kwargs)
+    module.b4 = DiscriminatorEpilogue(width(4), cmap_dim=cmap_dim, resolution=4, **epilogue_kwargs, **shared)
+
+
+def _run_discriminator_trunk(module, img, c, block_kwargs):
+    """Blocks from high to low resolution, then the label-projected epilogue."""
+    x = None
+    for res in module.block_resolutions:
+        x, img = getattr(module, f'b{res}')(x, img, **block_kwargs)
+    cmap = module.mapping(None, c) if module.c_dim > 0 else None
+    return module.b4(x, img, cmap)
 
 
 @persistence.persistent_class
@@ -781,7 +767,7 @@ class Discriminator(torch.nn.Module):
 
     def __init__(self,
         c_dim,                          # Conditioning label size.
-        img_resolution,                 # Input resolution.
+        img_resolution,                 # Resolution of the input image.
         img_channels,                   # Input channels.
         architecture        = 'resnet', # 'orig', 'skip' or 'resnet'.
         channel_base        = 32768,    # Channels at resolution r: min(channel_base // r, channel_max).
@@ -798,16 +784,8 @@ class Discriminator(torch.nn.Module):
             channel_max, num_fp16_res, conv_clamp, cmap_dim, block_kwargs, mapping_kwargs, epilogue_kwargs)
 
     def forward(self, img, c, update_emas=False, **block_kwargs):
-        _ = update_emas  # accepted for interface compatibility
-        x = None
-        for res in self.block_resolutions:
-            x, img = getattr(self, f'b{res}')(x, img, **block_kwargs)
-        cmap = None
-        if self.c_dim > 0:
-            cmap = self.mapping(None, c)
-        return self.b4(x, img, cmap)
+        del update_emas  # part of the common discriminator interface
+        return _run_discriminator_trunk(self, img, c, block_kwargs)
 
     def extra_repr(self):
         return f'c_dim={self.c_dim:d}, img_resolution={self.img_resolution:d}, img_channels={self.img_channels:d}'
-
-#----------------------------------------------------------------------------

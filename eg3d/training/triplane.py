@@ -24,16 +24,16 @@ PLANE_RESOLUTION = 256  # the backbone always renders the planes at 256 x 256
 @persistence.persistent_class
 class TriPlaneGenerator(torch.nn.Module):
     def __init__(self,
-        z_dim,                  # Input latent (Z) dimensionality.
-        c_dim,                  # Conditioning label (C) dimensionality: 25 = cam2world (16) + intrinsics (9).
-        w_dim,                  # Intermediate latent (W) dimensionality.
-        img_resolution,         # Output (superresolved) image resolution.
-        img_channels,           # Number of output colour channels.
-        sr_num_fp16_res=0,      # Number of fp16 resolutions in the superresolution module.
-        mapping_kwargs={},      # Arguments for MappingNetwork.
+        z_dim,                  # Size of the latent z.
+        c_dim,                  # Camera label size: 25 = cam2world (16) + intrinsics (9).
+        w_dim,                  # Size of each w.
+        img_resolution,         # Side of the final (superresolved) image.
+        img_channels,           # Channels of the final image.
+        sr_num_fp16_res=0,      # > 0: the superresolution blocks run in float16 (CUDA).
+        mapping_kwargs={},      # Forwarded to the backbone's MappingNetwork.
         rendering_kwargs={},    # Renderer / conditioning options (see training.configs.rendering_options).
-        sr_kwargs={},           # Extra arguments for the superresolution module.
-        **synthesis_kwargs,     # Arguments for SynthesisNetwork.
+        sr_kwargs={},           # Forwarded to the superresolution module.
+        **synthesis_kwargs,     # Forwarded to the backbone's SynthesisNetwork.
     ):
         super().__init__()
         self.z_dim = z_dim
@@ -82,37 +82,31 @@ class TriPlaneGenerator(torch.nn.Module):
         with R = neural_rendering_resolution (remembered in `self.neural_rendering_resolution`).
         `cache_backbone` stores the planes in `_last_planes`; `use_cached_backbone` reuses them.
         """
-        cam2world_matrix = c[:, :16].view(-1, 4, 4)
+        res = self.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
+        self.neural_rendering_resolution = res  # an explicit resolution is remembered for later calls
+        cam2world = c[:, :16].view(-1, 4, 4)
         intrinsics = c[:, 16:25].view(-1, 3, 3)
+        ray_origins, ray_directions = self.ray_sampler(cam2world, intrinsics, res)
 
-        if neural_rendering_resolution is None:
-            neural_rendering_resolution = self.neural_rendering_resolution
-        else:
-            self.neural_rendering_resolution = neural_rendering_resolution
-
-        ray_origins, ray_directions = self.ray_sampler(cam2world_matrix, intrinsics, neural_rendering_resolution)
-
-        N = ray_origins.shape[0]
         if use_cached_backbone and self._last_planes is not None:
-            planes = self._last_planes
+            backbone_out = self._last_planes
         else:
-            planes = self.backbone.synthesis(ws, update_emas=update_emas, **synthesis_kwargs)
+            backbone_out = self.backbone.synthesis(ws, update_emas=update_emas, **synthesis_kwargs)
         if cache_backbone:
-            self._last_planes = planes
-        planes = self._split_planes(planes)
+            self._last_planes = backbone_out
+        features, depths, _ = self.renderer(self._split_planes(backbone_out), self.decoder, ray_origins,
+                                            ray_directions, self.rendering_kwargs)
 
-        feature_samples, depth_samples, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs)
+        # Rays come in row-major pixel order: [N, R*R, C] -> [N, C, R, R].
+        batch = ray_origins.shape[0]
+        feature_image = features.permute(0, 2, 1).reshape(batch, features.shape[-1], res, res).contiguous()
+        depth_image = depths.permute(0, 2, 1).reshape(batch, 1, res, res)
 
-        # Rays are ordered row-major over the R x R image.
-        H = W = neural_rendering_resolution
-        feature_image = feature_samples.permute(0, 2, 1).reshape(N, feature_samples.shape[-1], H, W).contiguous()
-        depth_image = depth_samples.permute(0, 2, 1).reshape(N, 1, H, W)
-
-        rgb_image = feature_image[:, :3]
+        image_raw = feature_image[:, :3]
         sr_kwargs = {k: v for k, v in synthesis_kwargs.items() if k != 'noise_mode'}
-        sr_image = self.superresolution(rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs['superresolution_noise_mode'], **sr_kwargs)
-
-        return {'image': sr_image, 'image_raw': rgb_image, 'image_depth': depth_image}
+        image = self.superresolution(image_raw, feature_image, ws,
+                                     noise_mode=self.rendering_kwargs['superresolution_noise_mode'], **sr_kwargs)
+        return {'image': image, 'image_raw': image_raw, 'image_depth': depth_image}
 
     def sample(self, coordinates, directions, z, c, truncation_psi=1, truncation_cutoff=None, update_emas=False, **synthesis_kwargs):
         """Density and colour features at arbitrary points [N, K, 3] for latents z (e.g. for shape extraction)."""
@@ -143,18 +137,18 @@ class OSGDecoder(torch.nn.Module):
     def __init__(self, n_features, options):
         super().__init__()
         self.hidden_dim = 64
+        lr_mul = options['decoder_lr_mul']
+        # Output channel 0 is the density, the rest are colour features.
         self.net = torch.nn.Sequential(
-            FullyConnectedLayer(n_features, self.hidden_dim, lr_multiplier=options['decoder_lr_mul']),
+            FullyConnectedLayer(n_features, self.hidden_dim, lr_multiplier=lr_mul),
             torch.nn.Softplus(),
-            FullyConnectedLayer(self.hidden_dim, 1 + options['decoder_output_dim'], lr_multiplier=options['decoder_lr_mul']),
-        )
+            FullyConnectedLayer(self.hidden_dim, 1 + options['decoder_output_dim'], lr_multiplier=lr_mul))
 
     def forward(self, sampled_features, ray_directions):
         """sampled_features [N, 3, M, C] -> {'rgb': [N, M, out_dim], 'sigma': [N, M, 1]}; directions are unused."""
-        x = sampled_features.mean(1)
-        N, M, C = x.shape
-        x = self.net(x.view(N * M, C)).view(N, M, -1)
+        pooled = sampled_features.mean(1)  # average over the three planes
+        n, m, ch = pooled.shape
+        out = self.net(pooled.view(n * m, ch)).view(n, m, -1)
         # Sigmoid widened slightly beyond [0, 1] (MipNeRF) so the extremes stay reachable.
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001
-        sigma = x[..., 0:1]
-        return {'rgb': rgb, 'sigma': sigma}
+        rgb = torch.sigmoid(out[..., 1:]) * (1 + 2 * 0.001) - 0.001
+        return {'rgb': rgb, 'sigma': out[..., 0:1]}

@@ -22,9 +22,9 @@ def test_constant_is_cached_and_broadcast():
 def test_assert_shape():
     x = torch.zeros(2, 3, 4)
     misc.assert_shape(x, [2, None, 4])
-    with pytest.raises(AssertionError, match='Wrong number of dimensions'):
+    with pytest.raises(AssertionError, match='expected 2 dimensions'):
         misc.assert_shape(x, [2, 3])
-    with pytest.raises(AssertionError, match='Wrong size for dimension 1: got 3, expected 5'):
+    with pytest.raises(AssertionError, match='dimension 1 has size 3, expected 5'):
         misc.assert_shape(x, [2, 5, 4])
 
 

@@ -75,12 +75,13 @@ def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, ac
 
 def _resolve(act: str, alpha: Optional[float], gain: Optional[float], clamp: Optional[float]):
     """Fill in defaults: returns (spec, alpha, gain, clamp) with clamp = -1 meaning 'no clamp'."""
-    assert clamp is None or clamp >= 0
+    if clamp is not None:
+        assert clamp >= 0, f'clamp must be non-negative, got {clamp}'
     spec = activation_funcs[act]
-    alpha = float(alpha if alpha is not None else spec.def_alpha)
-    gain = float(gain if gain is not None else spec.def_gain)
-    clamp = float(clamp if clamp is not None else -1)
-    return spec, alpha, gain, clamp
+    return (spec,
+            float(spec.def_alpha if alpha is None else alpha),
+            float(spec.def_gain if gain is None else gain),
+            -1.0 if clamp is None else float(clamp))
 
 
 def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, act: str = 'linear',
@@ -91,7 +92,9 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 
     if b is not None:
         assert isinstance(b, torch.Tensor) and b.ndim == 1
         assert 0 <= dim < x.ndim and b.shape[0] == x.shape[dim]
-        x = x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
+        bias_shape = [1] * x.ndim
+        bias_shape[dim] = -1
+        x = x + b.reshape(bias_shape)
     x = spec.func(x, alpha=alpha)
     if gain != 1:
         x = x * gain
@@ -100,7 +103,6 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 
     return x
 
 
-# ---------------------------------------------------------------------------------------------
 # CUDA path: the kernel in bias_act.cu, exposed as torch.library custom ops (traceable by
 # torch.compile). Forward, gradient and second derivative are three modes of one kernel.
 

@@ -21,13 +21,12 @@ _IntOrPair = Union[int, Sequence[int]]
 def no_weight_gradients(disable: bool = True) -> Iterator[None]:
     """Within this context the custom op returns no gradient for conv weights (if `disable`)."""
     global weight_gradients_disabled
-    old = weight_gradients_disabled
-    if disable:
-        weight_gradients_disabled = True
+    previous = weight_gradients_disabled
+    weight_gradients_disabled = previous or bool(disable)
     try:
         yield
     finally:
-        weight_gradients_disabled = old
+        weight_gradients_disabled = previous
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

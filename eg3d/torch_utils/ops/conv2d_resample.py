@@ -19,6 +19,19 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding=0, groups: 
     return op(x, w, stride=stride, padding=padding, groups=groups)
 
 
+def _centring_pad(taps: int, up: int, down: int):
+    """(before, after) padding along one axis that keeps a `taps`-long filter centred on the
+    zero-stuffed (up) or decimated (down) grid."""
+    before = after = 0
+    if up > 1:
+        before += (taps + up - 1) // 2
+        after += (taps - up) // 2
+    if down > 1:
+        before += (taps - down + 1) // 2
+        after += (taps - down) // 2
+    return before, after
+
+
 def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] = None, up: int = 1, down: int = 1,
                     padding: _Padding = 0, groups: int = 1, flip_weight: bool = True,
                     flip_filter: bool = False) -> torch.Tensor:
@@ -48,16 +61,9 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: Optional[torch.Tensor] 
     px0, px1, py0, py1 = _parse_padding(padding)
 
     # Pad so that the filter is centred (the same amounts as upsample2d / downsample2d).
-    if up > 1:
-        px0 += (fw + up - 1) // 2
-        px1 += (fw - up) // 2
-        py0 += (fh + up - 1) // 2
-        py1 += (fh - up) // 2
-    if down > 1:
-        px0 += (fw - down + 1) // 2
-        px1 += (fw - down) // 2
-        py0 += (fh - down + 1) // 2
-        py1 += (fh - down) // 2
+    extra_x, extra_y = _centring_pad(fw, up, down), _centring_pad(fh, up, down)
+    px0, px1 = px0 + extra_x[0], px1 + extra_x[1]
+    py0, py1 = py0 + extra_y[0], py1 + extra_y[1]
     pad = [px0, px1, py0, py1]
 
     # 1x1 kernel: resample on the smaller side (downsample before, upsample after the conv).

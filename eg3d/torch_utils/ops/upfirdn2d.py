@@ -62,21 +62,20 @@ def setup_filter(f, device: torch.device = torch.device('cpu'), normalize: bool 
     Returns:
         Float32 tensor `[fh, fw]` or `[taps]`.
     """
-    f = torch.as_tensor(1 if f is None else f, dtype=torch.float32)
-    assert f.ndim in (0, 1, 2) and f.numel() > 0
-    if f.ndim == 0:
-        f = f.reshape(1)
+    taps = torch.as_tensor(1 if f is None else f, dtype=torch.float32)
+    assert taps.ndim <= 2 and taps.numel() > 0, 'a filter is a scalar, a 1-D or a 2-D array'
+    if taps.ndim == 0:
+        taps = taps.reshape(1)
     if separable is None:
-        separable = (f.ndim == 1 and f.numel() >= 8)
-    if f.ndim == 1 and not separable:
-        f = torch.outer(f, f)
-    assert f.ndim == (1 if separable else 2)
+        separable = taps.ndim == 1 and taps.numel() >= 8  # long 1-D filters are cheaper as two passes
+    if taps.ndim == 1 and not separable:
+        taps = torch.outer(taps, taps)
+    assert taps.ndim == (1 if separable else 2)
     if normalize:
-        f = f / f.sum()
+        taps = taps / taps.sum()
     if flip_filter:
-        f = f.flip(list(range(f.ndim)))
-    f = f * (gain ** (f.ndim / 2))
-    return f.to(device=device)
+        taps = taps.flip(list(range(taps.ndim)))
+    return (taps * (gain ** (taps.ndim / 2))).to(device=device)
 
 
 def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up: _Scaling = 1, down: _Scaling = 1, padding: _Padding = 0,
@@ -107,17 +106,22 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up: _Scaling = 1, down
     return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
 
 
-def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: _Scaling = 1, down: _Scaling = 1,
-                   padding: _Padding = 0, flip_filter: bool = False, gain: float = 1) -> torch.Tensor:
-    """Reference implementation with standard PyTorch ops."""
-    assert isinstance(x, torch.Tensor) and x.ndim == 4
+def _checked_filter(x: torch.Tensor, f: Optional[torch.Tensor]) -> torch.Tensor:
+    """Validate `x` ([N, C, H, W]) and the filter; None becomes the 1x1 identity filter."""
+    assert isinstance(x, torch.Tensor) and x.ndim == 4, 'upfirdn2d expects [N, C, H, W] images'
     if f is None:
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
     assert isinstance(f, torch.Tensor) and f.ndim in (1, 2)
-    assert f.dtype == torch.float32 and not f.requires_grad
+    assert f.dtype == torch.float32 and not f.requires_grad, 'filters are float32 constants (see setup_filter)'
+    return f
+
+
+def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: _Scaling = 1, down: _Scaling = 1,
+                   padding: _Padding = 0, flip_filter: bool = False, gain: float = 1) -> torch.Tensor:
+    """Reference implementation with standard PyTorch ops."""
+    f = _checked_filter(x, f)
     n, c, h, w = x.shape
-    upx, upy = _parse_scaling(up)
-    downx, downy = _parse_scaling(down)
+    (upx, upy), (downx, downy) = _parse_scaling(up), _parse_scaling(down)
     padx0, padx1, pady0, pady1 = _parse_padding(padding)
     fw, fh = _get_filter_size(f)
     assert w * upx + padx0 + padx1 >= fw and h * upy + pady0 + pady1 >= fh, 'padded image smaller than the filter'
@@ -184,7 +188,6 @@ def downsample2d(x: torch.Tensor, f: Optional[torch.Tensor], down: _Scaling = 2,
     return upfirdn2d(x, f, down=down, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
 
 
-# ---------------------------------------------------------------------------------------------
 # CUDA path: the kernel in upfirdn2d.cu (2-D filters), exposed as a torch.library custom op
 # (traceable by torch.compile). A separable filter runs as a horizontal then a vertical pass.
 
@@ -203,13 +206,8 @@ def _cuda_available() -> bool:
 
 def _upfirdn2d_cuda(x: torch.Tensor, f: Optional[torch.Tensor], up: _Scaling = 1, down: _Scaling = 1,
                     padding: _Padding = 0, flip_filter: bool = False, gain: float = 1) -> torch.Tensor:
-    assert isinstance(x, torch.Tensor) and x.ndim == 4
-    if f is None:
-        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
-    assert isinstance(f, torch.Tensor) and f.ndim in (1, 2)
-    assert f.dtype == torch.float32 and not f.requires_grad
-    upx, upy = _parse_scaling(up)
-    downx, downy = _parse_scaling(down)
+    f = _checked_filter(x, f)
+    (upx, upy), (downx, downy) = _parse_scaling(up), _parse_scaling(down)
     padx0, padx1, pady0, pady1 = _parse_padding(padding)
     op = torch.ops.eg3d.upfirdn2d
     if f.ndim == 2:

@@ -18,34 +18,30 @@ class MipRayMarcher2(torch.nn.Module):
         Returns composite rgb [B, M, C] scaled to [-1, 1], depth [B, M, 1], and the per-interval
         weights [B, M, S-1, 1].
         """
-        deltas = depths[:, :, 1:] - depths[:, :, :-1]
-        colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
-        densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
-        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-
         if rendering_options['clamp_mode'] != 'softplus':
             raise ValueError(f"MipRayMarcher2 supports only clamp_mode='softplus', got {rendering_options['clamp_mode']!r}")
+
+        def interval_mean(t):  # value of each interval = mean of its two end samples
+            return (t[:, :, :-1] + t[:, :, 1:]) / 2
+
+        spacing = depths[:, :, 1:] - depths[:, :, :-1]
         # The -1 shift makes freshly initialised decoders start out mostly transparent.
-        densities_mid = F.softplus(densities_mid - 1)
-
-        alpha = 1 - torch.exp(-densities_mid * deltas)
+        sigma = F.softplus(interval_mean(densities) - 1)
+        alpha = 1 - torch.exp(-sigma * spacing)
         # Transmittance before each interval: prod_{j<i} (1 - alpha_j); 1e-10 avoids exact zeros.
-        transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2), -2)[:, :, :-1]
-        weights = alpha * transmittance
+        survive = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
+        weights = alpha * torch.cumprod(survive, -2)[:, :, :-1]
 
-        composite_rgb = torch.sum(weights * colors_mid, -2)
-        weight_total = weights.sum(2)
-        composite_depth = torch.sum(weights * depths_mid, -2) / weight_total
+        opacity = weights.sum(2)
+        rgb = torch.sum(weights * interval_mean(colors), -2)
+        depth = torch.sum(weights * interval_mean(depths), -2) / opacity
         # Empty rays (0/0) become +inf and are then clamped. The clamp range is the min/max over
         # every depth sample of the whole batch, not per ray (as in the official code).
-        composite_depth = torch.nan_to_num(composite_depth, float('inf'))
-        composite_depth = torch.clamp(composite_depth, torch.min(depths), torch.max(depths))
+        depth = torch.clamp(torch.nan_to_num(depth, float('inf')), torch.min(depths), torch.max(depths))
 
         if rendering_options.get('white_back', False):
-            composite_rgb = composite_rgb + 1 - weight_total
-
-        composite_rgb = composite_rgb * 2 - 1
-        return composite_rgb, composite_depth, weights
+            rgb = rgb + 1 - opacity
+        return rgb * 2 - 1, depth, weights
 
     def forward(self, colors, densities, depths, rendering_options):
         return self.run_forward(colors, densities, depths, rendering_options)

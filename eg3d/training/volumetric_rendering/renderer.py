@@ -139,10 +139,10 @@ class ImportanceRenderer(torch.nn.Module):
     def sort_samples(self, all_depths, all_colors, all_densities):
         """Sort samples along each ray by depth (dim -2)."""
         _, order = torch.sort(all_depths, dim=-2)
-        all_depths = torch.gather(all_depths, -2, order)
-        all_colors = torch.gather(all_colors, -2, order.expand(-1, -1, -1, all_colors.shape[-1]))
-        all_densities = torch.gather(all_densities, -2, order.expand(-1, -1, -1, 1))
-        return all_depths, all_colors, all_densities
+
+        def reorder(t):
+            return torch.gather(t, -2, order.expand(-1, -1, -1, t.shape[-1]))
+        return reorder(all_depths), reorder(all_colors), reorder(all_densities)
 
     def unify_samples(self, depths1, colors1, densities1, depths2, colors2, densities2):
         """Concatenate two sample sets along the ray and sort them by depth."""
@@ -156,20 +156,23 @@ class ImportanceRenderer(torch.nn.Module):
         `ray_start`/`ray_end` are floats, or [N, M, 1] tensors (the 'auto' box limits). With
         disparity sampling the jitter is applied in inverse depth.
         """
-        N, M, _ = ray_origins.shape
+        n_batch, n_rays, _ = ray_origins.shape
+
+        def evenly_spaced(first, last):
+            ramp = torch.linspace(first, last, depth_resolution, device=ray_origins.device)
+            return ramp.reshape(1, 1, depth_resolution, 1).repeat(n_batch, n_rays, 1, 1)
+
         if disparity_space_sampling:
-            depths = torch.linspace(0, 1, depth_resolution, device=ray_origins.device).reshape(1, 1, depth_resolution, 1).repeat(N, M, 1, 1)
-            depths += torch.rand_like(depths) * (1 / (depth_resolution - 1))
-            return 1. / (1. / ray_start * (1. - depths) + 1. / ray_end * depths)
+            frac = evenly_spaced(0, 1)
+            frac = frac + torch.rand_like(frac) * (1 / (depth_resolution - 1))
+            return 1. / (1. / ray_start * (1. - frac) + 1. / ray_end * frac)
+        spacing = (ray_end - ray_start) / (depth_resolution - 1)
         if isinstance(ray_start, torch.Tensor):
             depths = math_utils.linspace(ray_start, ray_end, depth_resolution).permute(1, 2, 0, 3)
-            delta = (ray_end - ray_start) / (depth_resolution - 1)
-            depths += torch.rand_like(depths) * delta[..., None]
+            spacing = spacing[..., None]
         else:
-            depths = torch.linspace(ray_start, ray_end, depth_resolution, device=ray_origins.device).reshape(1, 1, depth_resolution, 1).repeat(N, M, 1, 1)
-            delta = (ray_end - ray_start) / (depth_resolution - 1)
-            depths += torch.rand_like(depths) * delta
-        return depths
+            depths = evenly_spaced(ray_start, ray_end)
+        return depths + torch.rand_like(depths) * spacing
 
     def sample_importance(self, z_vals, weights, N_importance):
         """Draw N_importance depths per ray [B, M, Di, 1] from the coarse weights (NeRF-style).
@@ -178,17 +181,14 @@ class ImportanceRenderer(torch.nn.Module):
         floored by 0.01 before inverse-CDF sampling over the midpoints of the coarse depths.
         """
         with torch.no_grad():
-            B, M, S, _ = z_vals.shape
-            z_vals = z_vals.reshape(B * M, S)
-            weights = weights.reshape(B * M, -1)  # S - 1 interval weights per ray
-
-            weights = torch.nn.functional.max_pool1d(weights.unsqueeze(1).float(), 2, 1, padding=1)
-            weights = torch.nn.functional.avg_pool1d(weights, 2, 1).squeeze(1)
-            weights = weights + 0.01
-
-            z_mid = 0.5 * (z_vals[:, :-1] + z_vals[:, 1:])
-            samples = self.sample_pdf(z_mid, weights[:, 1:-1], N_importance)
-            return samples.detach().reshape(B, M, N_importance, 1)
+            n_batch, n_rays, n_samples, _ = z_vals.shape
+            edges = z_vals.reshape(n_batch * n_rays, n_samples)
+            w = weights.reshape(n_batch * n_rays, -1).unsqueeze(1).float()  # S - 1 interval weights per ray
+            w = torch.nn.functional.avg_pool1d(torch.nn.functional.max_pool1d(w, 2, 1, padding=1), 2, 1).squeeze(1)
+            w = w + 0.01
+            midpoints = 0.5 * (edges[:, :-1] + edges[:, 1:])
+            samples = self.sample_pdf(midpoints, w[:, 1:-1], N_importance)
+            return samples.detach().reshape(n_batch, n_rays, N_importance, 1)
 
     def sample_pdf(self, bins, weights, N_importance, det=False, eps=1e-5):
         """Inverse-transform sampling of a piecewise-constant pdf.
@@ -197,9 +197,8 @@ class ImportanceRenderer(torch.nn.Module):
         uniforms come from `torch.rand(R, N_importance)` on the global RNG.
         """
         n_rays, n_bins = weights.shape
-        weights = weights + eps
-        pdf = weights / torch.sum(weights, -1, keepdim=True)
-        cdf = torch.cumsum(pdf, -1)
+        mass = weights + eps
+        cdf = torch.cumsum(mass / torch.sum(mass, -1, keepdim=True), -1)
         cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], -1)  # [R, K+1], from 0 to 1
 
         if det:
