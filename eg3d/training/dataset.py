@@ -1,0 +1,314 @@
+"""One identity's aligned selfies: images, camera labels and latents, validated before training.
+
+Layout (a folder or a .zip of it; EG3D's `dataset.json` convention plus one latent per image):
+
+    image_0.png  image_0_latent.npy  image_1.png  image_1_latent.npy  ...  dataset.json
+
+`dataset.json` holds `{"labels": [[filename, [25 floats]], ...]}`: the camera of each image as
+cam2world (4x4, row-major) followed by the intrinsics (3x3, normalised by the image size).
+A latent is W (`[w_dim]` or `[1, w_dim]`, repeated to all `num_ws` layers) or W+
+(`[num_ws, w_dim]` or `[1, num_ws, w_dim]`), float, finite.
+
+`IdentityDataset(path, ...)` reads everything up front (an identity has tens of selfies), checks
+all of it and raises one `DatasetError` that lists every problem with its file. The source is
+only ever read.
+"""
+
+import io
+import json
+import os
+import zipfile
+from typing import List, Optional, Tuple
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+LATENT_SUFFIX = '_latent.npy'
+LABEL_LENGTH = 25  # cam2world 4x4 (16) + intrinsics 3x3 (9)
+
+#----------------------------------------------------------------------------
+
+
+class DatasetError(ValueError):
+    """Invalid identity dataset; `problems` lists (file, message) pairs, all of them."""
+
+    def __init__(self, path: str, problems: List[Tuple[str, str]]):
+        self.path = path
+        self.problems = list(problems)
+        lines = [f'Dataset {path!r} has {len(problems)} problem(s):']
+        lines += [f'  {name}: {message}' for name, message in problems]
+        lines += ['See docs/datasets.md for the expected layout.']
+        super().__init__('\n'.join(lines))
+
+
+def latent_name(image_name: str) -> str:
+    """`image_3.png` -> `image_3_latent.npy` (beside the image)."""
+    return os.path.splitext(image_name)[0] + LATENT_SUFFIX
+
+
+def mirror_camera(label: np.ndarray) -> np.ndarray:
+    """Camera of the x-flipped image: the scene mirrored across the world plane x = 0.
+
+    cam2world' = S @ cam2world @ S with S = diag(-1, 1, 1, 1): entries with exactly one index 0
+    change sign ([0,1], [0,2], [0,3], [1,0], [2,0]), as EG3D's dataset_preprocessing/mirror_dataset.py
+    (`flip_yaw`). A flipped image also moves its principal point to 1 - cx; EG3D keeps the
+    intrinsics, which is the same thing for the centred cx = 0.5 of every EG3D dataset.
+    """
+    label = np.asarray(label, dtype=np.float64)
+    pose = label[:16].reshape(4, 4).copy()
+    intrinsics = label[16:25].reshape(3, 3).copy()
+    for i, j in [(0, 1), (0, 2), (1, 0), (2, 0), (0, 3)]:
+        pose[i, j] *= -1
+    intrinsics[0, 2] = 1 - intrinsics[0, 2]
+    return np.concatenate([pose.reshape(-1), intrinsics.reshape(-1)]).astype(np.float32)
+
+#----------------------------------------------------------------------------
+
+
+class _Source:
+    """Read-only access to the files of a folder or a zip, by '/'-separated relative name."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._zip = None
+        if os.path.isdir(path):
+            names = []
+            for root, _dirs, files in os.walk(path):
+                for fname in files:
+                    names.append(os.path.relpath(os.path.join(root, fname), path).replace(os.sep, '/'))
+            self.names = set(names)
+        elif os.path.isfile(path) and zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path, 'r')
+            self.names = set(n for n in self._zip.namelist() if not n.endswith('/'))
+        elif os.path.exists(path):
+            raise DatasetError(path, [(os.path.basename(path), 'is neither a folder nor a .zip file')])
+        else:
+            raise DatasetError(path, [(os.path.basename(path) or path, 'does not exist')])
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(name)
+        with open(os.path.join(self.path, name), 'rb') as f:
+            return f.read()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+#----------------------------------------------------------------------------
+
+
+def _read_labels(source: _Source, problems: list) -> Optional[list]:
+    if 'dataset.json' not in source.names:
+        problems.append(('dataset.json', 'missing: the camera labels of the images must be in dataset.json '
+                         '({"labels": [[filename, [25 floats]], ...]})'))
+        return None
+    try:
+        data = json.loads(source.read('dataset.json').decode('utf-8'))
+    except (ValueError, UnicodeDecodeError) as err:
+        problems.append(('dataset.json', f'is not valid JSON ({err})'))
+        return None
+    labels = data.get('labels') if isinstance(data, dict) else None
+    if not isinstance(labels, list):
+        problems.append(('dataset.json', 'has no "labels" list ({"labels": [[filename, [25 floats]], ...]})'))
+        return None
+    return labels
+
+
+def _check_label(entry, problems: list) -> Tuple[Optional[str], Optional[np.ndarray]]:
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+        problems.append(('dataset.json', f'label entry {str(entry)[:60]!r} is not [filename, [25 floats]]'))
+        return None, None
+    name, values = entry
+    try:
+        label = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        problems.append((name, 'label in dataset.json is not a list of numbers'))
+        return name, None
+    if np.asarray(values, dtype=object).ndim != 1 or label.size != LABEL_LENGTH:
+        problems.append((name, f'label in dataset.json has {label.size} values; expected {LABEL_LENGTH} '
+                         '(cam2world 4x4 row-major + intrinsics 3x3)'))
+        return name, None
+    if not np.all(np.isfinite(label)):
+        problems.append((name, 'label in dataset.json contains NaN or inf'))
+        return name, None
+    return name, label.astype(np.float32)
+
+
+def _check_image(source: _Source, name: str, resolution: Optional[int], problems: list) -> Optional[np.ndarray]:
+    try:
+        with PIL.Image.open(io.BytesIO(source.read(name))) as img:
+            img.load()
+            if img.mode != 'RGB':
+                img = img.convert('RGB')
+            image = np.array(img)
+    except Exception as err:  # PIL raises many types for broken files.
+        problems.append((name, f'unreadable image ({type(err).__name__}: {err})'))
+        return None
+    h, w = image.shape[:2]
+    if h != w:
+        problems.append((name, f'image is {w}x{h}; it must be square (aligned and cropped as in EG3D)'))
+        return None
+    if resolution is not None and h != resolution:
+        problems.append((name, f'image is {w}x{h}; the generator renders {resolution}x{resolution}'))
+        return None
+    return image.transpose(2, 0, 1)  # HWC -> CHW, uint8
+
+
+def _check_latent(source: _Source, name: str, num_ws: Optional[int], w_dim: int,
+                  problems: list) -> Optional[np.ndarray]:
+    try:
+        latent = np.load(io.BytesIO(source.read(name)), allow_pickle=False)
+    except Exception as err:
+        problems.append((name, f'unreadable latent ({type(err).__name__}: {err})'))
+        return None
+    expected = f'W [{w_dim}] or [1, {w_dim}], or W+ [{num_ws or "num_ws"}, {w_dim}] or [1, {num_ws or "num_ws"}, {w_dim}]'
+    shape = tuple(latent.shape)
+    if not np.issubdtype(latent.dtype, np.floating):
+        problems.append((name, f'latent has dtype {latent.dtype}; expected a float array'))
+        return None
+    squeezed = latent.reshape(shape[1:]) if (len(shape) >= 2 and shape[0] == 1) else latent
+    if squeezed.ndim == 1 and squeezed.shape[0] == w_dim:
+        ws = squeezed[np.newaxis]  # W: one vector for every layer
+    elif squeezed.ndim == 2 and squeezed.shape[1] == w_dim and (num_ws is None or squeezed.shape[0] == num_ws):
+        ws = squeezed
+    else:
+        problems.append((name, f'latent has shape {list(shape)}; expected {expected}'))
+        return None
+    if not np.all(np.isfinite(ws)):
+        problems.append((name, 'latent contains NaN or inf'))
+        return None
+    ws = ws.astype(np.float32)
+    if num_ws is not None:
+        ws = np.broadcast_to(ws, (num_ws, w_dim)).copy()
+    return ws
+
+
+def read_identity(path: str, resolution: Optional[int] = None, num_ws: Optional[int] = None,
+                  w_dim: int = 512) -> Tuple[List[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Read and check a whole identity folder or zip; raise one DatasetError listing every problem.
+
+    Returns (names, images uint8 [N, 3, R, R], cameras float32 [N, 25], latents float32 [N, num_ws, w_dim]).
+    `resolution` / `num_ws`: the generator's; None skips that check (and keeps W latents as [1, w_dim]).
+    """
+    problems: List[Tuple[str, str]] = []
+    source = _Source(path)
+    try:
+        labels = _read_labels(source, problems)
+        image_names = sorted(n for n in source.names if n.lower().endswith(IMAGE_EXTENSIONS))
+        labelled = {}
+        for entry in (labels or []):
+            name, label = _check_label(entry, problems)
+            if name is None:
+                continue
+            if name in labelled:
+                problems.append((name, 'appears more than once in dataset.json'))
+                continue
+            labelled[name] = label
+            if name not in source.names:
+                problems.append((name, 'is labelled in dataset.json but the file does not exist'))
+        if labels is not None:
+            for name in image_names:
+                if name not in labelled:
+                    problems.append((name, 'image has no label in dataset.json'))
+        if labels is not None and not labelled and not image_names:
+            problems.append(('dataset.json', 'lists no images'))
+
+        names, images, cameras, latents = [], [], [], []
+        for name in sorted(labelled):
+            if name not in source.names:
+                continue
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                problems.append((name, f'is not an image file ({", ".join(IMAGE_EXTENSIONS)})'))
+                continue
+            image = _check_image(source, name, resolution, problems)
+            lname = latent_name(name)
+            if lname not in source.names:
+                problems.append((name, f'image has no latent: expected {lname} beside it '
+                                 '(the projector writes one per selfie; see docs/datasets.md)'))
+                latent = None
+            else:
+                latent = _check_latent(source, lname, num_ws, w_dim, problems)
+            if image is None or latent is None or labelled[name] is None:
+                continue
+            names.append(name)
+            images.append(image)
+            cameras.append(labelled[name])
+            latents.append(latent)
+    finally:
+        source.close()
+
+    if len({img.shape for img in images}) > 1:
+        sizes = sorted({f'{img.shape[2]}x{img.shape[1]}' for img in images})
+        problems.append(('dataset', f'images have different resolutions ({", ".join(sizes)})'))
+    if len({lat.shape for lat in latents}) > 1:
+        problems.append(('dataset', 'latents mix W and W+ shapes; give num_ws to broadcast them'))
+    if problems:
+        raise DatasetError(path, problems)
+    return names, np.stack(images), np.stack(cameras), np.stack(latents)
+
+#----------------------------------------------------------------------------
+
+
+class IdentityDataset(torch.utils.data.Dataset):
+    """Validated selfies of one identity, held in memory; item = (image uint8 [3,R,R], camera [25], ws [num_ws, w_dim]).
+
+    `xflip=True` appends an x-flipped copy of every image with its mirrored camera (`mirror_camera`)
+    and the same latent: the latent codes the person, the camera codes the pose.
+    """
+
+    def __init__(self, path: str, resolution: Optional[int] = None, num_ws: Optional[int] = None,
+                 w_dim: int = 512, xflip: bool = False):
+        self.path = path
+        self.xflip = bool(xflip)
+        names, images, cameras, latents = read_identity(path, resolution=resolution, num_ws=num_ws, w_dim=w_dim)
+        if self.xflip:
+            names = names + [os.path.splitext(n)[0] + '_mirror' + os.path.splitext(n)[1] for n in names]
+            images = np.concatenate([images, images[:, :, :, ::-1]])
+            cameras = np.concatenate([cameras, np.stack([mirror_camera(c) for c in cameras])])
+            latents = np.concatenate([latents, latents])
+        self.names = names
+        self.images = np.ascontiguousarray(images)
+        self.cameras = cameras.astype(np.float32)
+        self.latents = latents.astype(np.float32)
+
+    @property
+    def name(self) -> str:
+        """Dataset name for the run directory: the folder or zip name."""
+        return os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, idx: int):
+        return torch.from_numpy(self.images[idx].copy()), torch.from_numpy(self.cameras[idx]), \
+            torch.from_numpy(self.latents[idx])
+
+#----------------------------------------------------------------------------
+
+
+def batch_indices(dataset_size: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Dataset indices of the global batch of training step `step`: epochs of seeded permutations.
+
+    A pure function of (step, seed), so a resumed run and any number of processes see the same
+    global batches as one uninterrupted process.
+    """
+    start = step * batch_size
+    out = []
+    pos = start
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, dataset_size)
+        perm = np.random.RandomState((seed * 1000003 + epoch) % (2**32)).permutation(dataset_size)
+        take = min(batch_size - len(out), dataset_size - offset)
+        out.extend(perm[offset:offset + take].tolist())
+        pos += take
+    return np.asarray(out, dtype=np.int64)
+
+#----------------------------------------------------------------------------

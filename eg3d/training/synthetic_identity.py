@@ -1,0 +1,226 @@
+"""A tiny deterministic EG3D and a synthetic identity rendered from it, in the real dataset format.
+
+Tests (and the demo) need a base generator and a personal dataset whose ground truth is known:
+
+  G_base   = build_tiny_generator(seed)              # small random TriPlaneGenerator (golden tiny128 config)
+  G_person = apply_low_rank_change(G_base, seed, r)  # copy with a rank-r change of every conv weight
+  write_identity(G_person, G_base, outdir, ...)      # selfies rendered by G_person: image_N.png,
+                                                     # image_N_latent.npy, dataset.json; + base.pkl
+
+Training adapters of rank >= r on G_base (never on G_person) can reach G_person exactly, so the
+reconstruction loss of views held out from training must fall.
+
+Command line (writes <outdir>/train, <outdir>/heldout and <outdir>/base.pkl):
+    python -m training.synthetic_identity --outdir=datasets/synthetic --views=24 --heldout=6
+"""
+
+import copy
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+from camera_utils import LookAtPoseSampler
+
+FFHQ_INTRINSICS = [4.2647, 0.0, 0.5, 0.0, 4.2647, 0.5, 0.0, 0.0, 1.0]
+
+
+def tiny_generator_kwargs(**overrides) -> dict:
+    """Constructor kwargs of the golden tiny128 TriPlaneGenerator (tests/data/golden/README.md)."""
+    rendering_kwargs = {
+        'image_resolution': 128, 'disparity_space_sampling': False, 'clamp_mode': 'softplus',
+        'superresolution_module': 'training.superresolution.SuperresolutionHybrid2X',
+        'c_gen_conditioning_zero': True, 'gpc_reg_prob': None, 'c_scale': 1.0,
+        'superresolution_noise_mode': 'none', 'density_reg': 0.25, 'density_reg_p_dist': 0.004,
+        'reg_type': 'l1', 'decoder_lr_mul': 1.0, 'sr_antialias': True,
+        'depth_resolution': 12, 'depth_resolution_importance': 12, 'ray_start': 2.25, 'ray_end': 3.3,
+        'box_warp': 1, 'avg_camera_radius': 2.7, 'avg_camera_pivot': [0, 0, 0.2],
+    }
+    kwargs = dict(z_dim=64, w_dim=512, mapping_kwargs={'num_layers': 2}, channel_base=2048, channel_max=32,
+                  fused_modconv_default='inference_only', rendering_kwargs=rendering_kwargs,
+                  num_fp16_res=0, sr_num_fp16_res=0,
+                  sr_kwargs={'channel_base': 2048, 'channel_max': 32, 'fused_modconv_default': 'inference_only'},
+                  conv_clamp=None, c_dim=25, img_resolution=128, img_channels=3)
+    rendering_overrides = overrides.pop('rendering_kwargs', {})
+    kwargs.update(overrides)
+    kwargs['rendering_kwargs'].update(rendering_overrides)
+    return kwargs
+
+
+def build_tiny_generator(seed: int = 0, sr_residual_gain: float = 0.1, **overrides) -> torch.nn.Module:
+    """Small random TriPlaneGenerator in eval mode, a pure function of `seed` (as the golden tiny128).
+
+    Constant-initialised entries are randomised so that every layer matters: biases + 0.2 N(0,1),
+    noise strengths 0.1 N(0,1), w_avg 0.5 N(0,1); the decoder's density bias + 3 (mostly opaque rays);
+    the superresolution torgb layers scaled by `sr_residual_gain`.
+    """
+    from training.triplane import TriPlaneGenerator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G = TriPlaneGenerator(**tiny_generator_kwargs(**overrides))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in list(G.named_parameters()) + list(G.named_buffers()):
+            if name.endswith('bias'):
+                tensor.add_(0.2 * torch.randn(tensor.shape, generator=gen))
+            elif name.endswith('noise_strength'):
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
+            elif name == 'backbone.mapping.w_avg':
+                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=gen))
+        G.decoder.net[2].bias[0] += 3.0
+        # Quiet superresolution residuals: the image is then close to the upsampled raw render, as in a
+        # trained EG3D, so the low- and full-resolution reconstruction terms agree on one optimum.
+        for name, tensor in G.superresolution.named_parameters():
+            if '.torgb.' in name and (name.endswith('.weight') or name.endswith('.bias')):
+                tensor.mul_(sr_residual_gain)
+    return G.eval().requires_grad_(False)
+
+
+def apply_low_rank_change(G: torch.nn.Module, seed: int = 1, rank: int = 1, strength: float = 0.5,
+                          components=('backbone.synthesis', 'superresolution')) -> torch.nn.Module:
+    """Copy of G with W += strength * ||W|| * U V^T / sqrt(rank) on every conv weight of `components`.
+
+    U [out, rank] and V [rank, in*k*k] have orthonormal columns / rows (seeded), so each change has
+    rank `rank` as a matrix [out, in*k*k]: what a rank-`rank` adapter can represent.
+    """
+    G = copy.deepcopy(G)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in G.named_parameters():
+            if not (name.startswith(components) and name.endswith('weight') and weight.ndim == 4):
+                continue
+            out_ch = weight.shape[0]
+            fan = weight[0].numel()
+            r = min(rank, out_ch, fan)
+            u = torch.linalg.qr(torch.randn(out_ch, r, generator=gen))[0]
+            v = torch.linalg.qr(torch.randn(fan, r, generator=gen))[0].T
+            delta = (u @ v) * (strength * weight.norm() / np.sqrt(r))
+            weight.add_(delta.reshape(weight.shape))
+    return G
+
+
+def camera_labels(num_views: int, seed: int, yaw_range: float = 0.45, pitch_range: float = 0.2,
+                  pivot=(0, 0, 0.2), radius: float = 2.7) -> np.ndarray:
+    """FFHQ-like cameras [num_views, 25]: yaw/pitch offsets uniform in the ranges, looking at the pivot."""
+    rnd = np.random.RandomState(seed)
+    yaws = rnd.uniform(-yaw_range, yaw_range, num_views)
+    pitches = rnd.uniform(-pitch_range, pitch_range, num_views)
+    lookat = torch.tensor(pivot, dtype=torch.float32)
+    labels = []
+    for yaw, pitch in zip(yaws, pitches):
+        pose = LookAtPoseSampler.sample(np.pi / 2 + yaw, np.pi / 2 + pitch, lookat, radius=radius)
+        labels.append(np.concatenate([pose.reshape(16).numpy(), np.asarray(FFHQ_INTRINSICS, np.float32)]))
+    return np.stack(labels).astype(np.float32)
+
+
+def identity_latents(G: torch.nn.Module, num_views: int, seed: int, psi: float = 0.7, spread: float = 0.1) -> np.ndarray:
+    """W+ latents [num_views, num_ws, w_dim] of one person: w_id (truncated) plus a small per-view change."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn([num_views + 1, G.z_dim], generator=gen)
+    c = torch.zeros([num_views + 1, G.c_dim])
+    with torch.no_grad():
+        ws = G.mapping(z, c, truncation_psi=1)
+    w_avg = G.backbone.mapping.w_avg
+    w_id = w_avg + psi * (ws[:1] - w_avg)
+    return (w_id + spread * (ws[1:] - w_avg)).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def render_views(G: torch.nn.Module, labels: np.ndarray, latents: np.ndarray, seed: int,
+                 neural_rendering_resolution: int = 32) -> np.ndarray:
+    """uint8 images [N, 3, R, R]; view i is rendered with torch.manual_seed(seed + i) (renderer jitter)."""
+    images = []
+    with torch.random.fork_rng(devices=[]):
+        for i in range(len(labels)):
+            torch.manual_seed(seed + i)
+            img = G.synthesis(torch.from_numpy(latents[i:i + 1]), torch.from_numpy(labels[i:i + 1]),
+                              neural_rendering_resolution=neural_rendering_resolution, noise_mode='const')['image']
+            images.append((img[0] * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy())
+    return np.stack(images)
+
+
+def write_dataset(outdir: str, images: np.ndarray, labels: np.ndarray, latents: np.ndarray,
+                  latent_format: str = 'w+') -> None:
+    """Write image_N.png, image_N_latent.npy ([1, num_ws, w_dim] for 'w+', [1, w_dim] for 'w') and dataset.json."""
+    os.makedirs(outdir, exist_ok=True)
+    entries = []
+    for i, (image, label, ws) in enumerate(zip(images, labels, latents)):
+        name = f'image_{i}.png'
+        PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB').save(os.path.join(outdir, name))
+        latent = ws[np.newaxis] if latent_format == 'w+' else ws[:1]
+        np.save(os.path.join(outdir, f'image_{i}_latent.npy'), latent.astype(np.float32))
+        entries.append([name, [float(x) for x in label]])
+    with open(os.path.join(outdir, 'dataset.json'), 'w') as f:
+        json.dump({'labels': entries}, f)
+
+
+def save_generator_pkl(G: torch.nn.Module, path: str) -> None:
+    """EG3D-layout pickle with G and G_ema (the same network) and no D, through legacy.save_network_pkl."""
+    import legacy
+    G = copy.deepcopy(G).eval().requires_grad_(False).cpu()
+    legacy.save_network_pkl(dict(G=G, G_ema=G, training_set_kwargs=None), path)
+
+
+def write_identity(outdir: str, seed: int = 0, views: int = 24, heldout: int = 6, rank: int = 1,
+                   strength: float = 0.5, neural_rendering_resolution: int = 32, latent_format: str = 'w+',
+                   generator_overrides: Optional[dict] = None) -> dict:
+    """Build base + person from `seed`; write <outdir>/train, <outdir>/heldout (same format) and <outdir>/base.pkl.
+
+    Returns paths and the in-memory networks: dict(base_pkl, train, heldout, G_base, G_person).
+    """
+    G_base = build_tiny_generator(seed, **(generator_overrides or {}))
+    G_person = apply_low_rank_change(G_base, seed=seed + 1, rank=rank, strength=strength)
+    total = views + heldout
+    labels = camera_labels(total, seed=seed + 2)
+    latents = identity_latents(G_base, total, seed=seed + 3)
+    images = render_views(G_person, labels, latents, seed=seed + 4,
+                          neural_rendering_resolution=neural_rendering_resolution)
+    paths = dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), train=os.path.join(outdir, 'train'),
+                            heldout=os.path.join(outdir, 'heldout'))
+    write_dataset(paths.train, images[:views], labels[:views], latents[:views], latent_format)
+    if heldout > 0:
+        write_dataset(paths.heldout, images[views:], labels[views:], latents[views:], latent_format)
+    save_generator_pkl(G_base, paths.base_pkl)
+    return dnnlib.EasyDict(paths, G_base=G_base, G_person=G_person)
+
+
+def ensure_identity(outdir: str, **kwargs) -> dnnlib.EasyDict:
+    """`write_identity(outdir, **kwargs)` unless outdir already holds one made with the same kwargs.
+
+    For test suites: several test files share one synthetic identity per pytest session.
+    Returns the paths (base_pkl, train, heldout).
+    """
+    import shutil
+    import tempfile
+    key = json.dumps(kwargs, sort_keys=True)
+    marker = os.path.join(outdir, 'synthetic_identity.json')
+    if not (os.path.isfile(marker) and open(marker).read() == key):
+        parent = os.path.dirname(os.path.abspath(outdir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix='.synthetic-')
+        write_identity(tmp, **kwargs)
+        with open(os.path.join(tmp, 'synthetic_identity.json'), 'w') as f:
+            f.write(key)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.replace(tmp, outdir)
+    return dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), train=os.path.join(outdir, 'train'),
+                           heldout=os.path.join(outdir, 'heldout'))
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description='Write a tiny base EG3D and a synthetic identity dataset.')
+    parser.add_argument('--outdir', required=True)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--views', type=int, default=24)
+    parser.add_argument('--heldout', type=int, default=6)
+    parser.add_argument('--rank', type=int, default=1)
+    parser.add_argument('--strength', type=float, default=0.5)
+    args = parser.parse_args()
+    out = write_identity(args.outdir, seed=args.seed, views=args.views, heldout=args.heldout,
+                         rank=args.rank, strength=args.strength)
+    print(f'Wrote {out.train}, {out.heldout} and {out.base_pkl}')
