@@ -271,6 +271,8 @@ def prepare_identity(paths: DemoPaths, recipe: Recipe, G_base: torch.nn.Module) 
     tmp = {folder: Path(tempfile.mkdtemp(dir=folder.parent, prefix=f'.{folder.name}.tmp-'))
            for folder in (paths.data, paths.heldout, paths.groundtruth)}
     try:
+        for t in tmp.values():
+            os.chmod(t, 0o755)  # mkdtemp makes private folders; the dataset is not
         v = recipe.views
         si.write_dataset(str(tmp[paths.data]), images[:v], labels[:v], latents[:v])
         si.write_dataset(str(tmp[paths.heldout]), images[v:], labels[v:], latents[v:])
@@ -502,7 +504,7 @@ def main(outdir, base_pkl, data, seed, views, heldout, strength, kimg, batch, lr
     teaser_path = None
     if teaser:
         teaser_path = REPO_ROOT / 'docs' / 'teaser.png'
-        inf.atomic_write(teaser_path, lambda tmp: shutil.copyfile(result['grid'], tmp))
+        write_png(np.asarray(PIL.Image.open(result['grid'])), teaser_path)
     timings['evaluation'] = time.time() - t0
     timings['total'] = time.time() - start
 

@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
 
@@ -122,20 +121,11 @@ def save_network_pkl(data: dict, path: Union[str, os.PathLike]) -> None:
     """
     if not isinstance(data, dict):
         raise TypeError('save_network_pkl() expects a dict (e.g. {"G": ..., "G_ema": ..., ...})')
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as file:
+    with dnnlib.util.atomic_write_path(path) as tmp_path:
+        with open(tmp_path, 'wb') as file:
             pickle.dump(data, file, protocol=4)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)
-        raise
 
 # Snapshot layout.
 

@@ -365,3 +365,23 @@ def copy_files_and_create_dirs(files) -> None:
         if dst_dir:
             os.makedirs(dst_dir, exist_ok=True)
         shutil.copyfile(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: Union[str, os.PathLike]):
+    """Yield a temporary path next to `path`; when the block succeeds it is renamed onto `path`.
+
+    Readers never see a half-written file and a failure leaves an existing `path` untouched. Unlike
+    `tempfile.mkstemp` (mode 0600), the file gets the usual permissions (0666 minus the umask), so
+    snapshots stay readable by the other users of a shared cluster.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp')
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,6 +23,8 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+
+import dnnlib
 
 from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX
 from training.loss import LPIPS_CHOICES  # re-exported for the scripts' --lpips option
@@ -164,15 +165,8 @@ def atomic_write(path: PathLike, write_fn, overwrite: bool = True) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f'{path} exists; pass --overwrite to replace it')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.stem}.', suffix=f'.tmp{path.suffix}')
-    os.close(fd)
-    try:
+    with dnnlib.util.atomic_write_path(path) as tmp:
         write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

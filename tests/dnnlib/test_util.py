@@ -146,3 +146,22 @@ def test_format_time():
 def test_make_cache_dir_path(monkeypatch, tmp_path):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
     assert util.make_cache_dir_path('downloads') == os.path.join(str(tmp_path), 'downloads')
+
+
+def test_atomic_write_path_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / 'snapshot.pkl'
+    target.write_bytes(b'old')
+    with pytest.raises(RuntimeError):
+        with dnnlib.util.atomic_write_path(target) as tmp:
+            with open(tmp, 'wb') as f:
+                f.write(b'half')
+            raise RuntimeError('crash while writing')
+    assert target.read_bytes() == b'old' and list(tmp_path.iterdir()) == [target]
+    with dnnlib.util.atomic_write_path(target) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(b'new')
+    assert target.read_bytes() == b'new' and list(tmp_path.iterdir()) == [target]
+    # Usual permissions (0666 minus the umask), not mkstemp's 0600: shared clusters can read snapshots.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from training import loss as loss_mod
 from training.arcface import IRSE50
 from training.dataset import mirror_camera
 from training.dual_discriminator import filtered_resizing

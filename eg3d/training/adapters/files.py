@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import dnnlib
 from training.adapters.config import AdapterConfig
 from training.adapters.inject import (adapter_layers, base_name, get_config, inject, is_injected,
                                       num_adapters)
@@ -123,18 +123,8 @@ def save(G: torch.nn.Module, path: str, index: int = 0) -> None:
         'adapter_config': cfg.to_json(),
         'base_fingerprint': json.dumps(fingerprint(G), sort_keys=True),
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    os.close(fd)
-    try:
+    with dnnlib.util.atomic_write_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 # ----------------------------------------------------------------------------
 # Read / load.
