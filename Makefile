@@ -29,4 +29,4 @@ test: setup
 	$(PY) -m pytest tests -q
 
 clean-demo:
-	rm -rf networks/demo-base.pkl datasets/demo runs/demo
+	rm -rf networks/demo-base.pkl datasets/demo datasets/demo-heldout datasets/demo-groundtruth runs/demo

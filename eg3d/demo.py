@@ -504,7 +504,7 @@ def main(outdir, base_pkl, data, seed, views, heldout, strength, kimg, batch, lr
     teaser_path = None
     if teaser:
         teaser_path = REPO_ROOT / 'docs' / 'teaser.png'
-        write_png(np.asarray(PIL.Image.open(result['grid'])), teaser_path)
+        inf.atomic_write(teaser_path, lambda tmp: shutil.copyfile(result['grid'], tmp))
     timings['evaluation'] = time.time() - t0
     timings['total'] = time.time() - start
 

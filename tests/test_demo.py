@@ -83,7 +83,8 @@ def demo_run(tmp_path_factory):
     """One demo run with tiny settings: 2 training views, 2 held-out views, one training step, 2 video frames."""
     root = tmp_path_factory.mktemp('demo')
     args = [f'--outdir={root / "runs"}', f'--base={root / "networks" / "base.pkl"}',
-            f'--data={root / "datasets" / "me"}', '--views=2', '--heldout=2', '--kimg=0.002', '--batch=2', '--frames=2', '--strength=1']
+            f'--data={root / "datasets" / "me"}', '--views=2', '--heldout=2', '--kimg=0.002', '--batch=2',
+            '--frames=2', '--strength=1']
     demo.main.main(args, standalone_mode=False)
     paths = demo.DemoPaths.from_options(str(root / 'networks' / 'base.pkl'), str(root / 'datasets' / 'me'),
                                         str(root / 'runs'))

@@ -378,7 +378,9 @@ def atomic_write_path(path: Union[str, os.PathLike]):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp')
+    name, ext = os.path.splitext(os.path.basename(path))
+    # Keep the extension last: writers that pick the format from the name (imageio's ffmpeg) need it.
+    tmp_path = os.path.join(directory, f'.{name}.{uuid.uuid4().hex[:12]}.tmp{ext}')
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize_safetensors
 
 import dnnlib
 from training.adapters.config import AdapterConfig
@@ -124,7 +124,9 @@ def save(G: torch.nn.Module, path: str, index: int = 0) -> None:
         'base_fingerprint': json.dumps(fingerprint(G), sort_keys=True),
     }
     with dnnlib.util.atomic_write_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        # Serialized in memory and written with open(): safetensors' save_file creates files with mode 0600.
+        with open(tmp, 'wb') as file:
+            file.write(serialize_safetensors(tensors, metadata=metadata))
 
 # ----------------------------------------------------------------------------
 # Read / load.
