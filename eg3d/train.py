@@ -17,7 +17,7 @@ import torch
 import dnnlib
 import legacy
 from training import training_loop
-from training.dataset import DatasetError, read_identity
+from training.dataset import DatasetError, IdentitySet
 
 #----------------------------------------------------------------------------
 
@@ -105,6 +105,8 @@ def print_options(c: dnnlib.EasyDict) -> None:
     print(f'Training duration:   {c.total_kimg:g} kimg')
     print(f'Dataset:             {c.training_set_kwargs.path} ({c.training_set_kwargs.max_size} images, '
           f'{c.training_set_kwargs.resolution}px, x-flips {c.training_set_kwargs.xflip})')
+    if len(c.training_set_kwargs.identities) > 1:
+        print(f'Identities:          {len(c.training_set_kwargs.identities)} (one adapter each)')
     print(f'Trainable:           {c.mode}')
     print()
 
@@ -141,7 +143,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.command()
 # Required.
 @click.option('--outdir',       help='Where to save the results', metavar='DIR', required=True)
-@click.option('--data',         help='Identity folder or zip: image_N.png, image_N_latent.npy, dataset.json', metavar='[ZIP|DIR]', required=True)
+@click.option('--data',         help='Identity folder or zip (image_N.png, image_N_latent.npy, dataset.json), or a folder of them (one adapter each)', metavar='[ZIP|DIR]', required=True)
 @click.option('--resume',       help='Pretrained generator pickle (official EG3D or ours); our snapshot continues its run', metavar='PKL', required=True)
 @click.option('--cfg',          help="Rendering options: official ffhq/afhq/shapenet, or 'resume' to keep the pickle's", type=click.Choice(['ffhq', 'afhq', 'shapenet', 'resume']), required=True)
 # Scale and schedule.
@@ -194,12 +196,17 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('-n', '--dry-run', help='Check the inputs, print training options and exit', is_flag=True)
 def main(**kwargs):
-    """Personalize a pretrained EG3D generator to one identity (My3DGen).
+    """Personalize a pretrained EG3D generator to one identity (My3DGen), or to many at once.
 
     \b
     # LoRA rank 1 on 4 GPUs, as in My3DGen:
     python train.py --outdir=training-runs --data=datasets/Barack --resume=networks/ffhqrebalanced512-128.pkl \\
         --cfg=ffhq --batch=4 --gpus=4 --snap=5 --kimg=500 --lora=1 --lora_alpha=1 --adalora=False --freeze_render=False
+
+    \b
+    # One adapter per identity, all in one run (--data holds one folder per person):
+    python train.py --outdir=training-runs --data=datasets/people --resume=networks/ffhqrebalanced512-128.pkl \\
+        --cfg=ffhq --batch=16 --gpus=4 --snap=5 --kimg=2000 --lora=1
 
     \b
     # Continue an interrupted run from its last snapshot:
@@ -291,16 +298,27 @@ def main(**kwargs):
         snapshot_cfg = resume_data.get('adapter_config')
         mode = 'full' if snapshot_cfg is None else (f'adalora{snapshot_cfg["target_r"]}' if snapshot_cfg['adalora']
                                                     else f'lora{snapshot_cfg["r"]}')
+    recorded = resume_data.get('personalization', {}).get('identities') if continuing else None
     del resume_data, G
     try:
-        names, _, _, _ = read_identity(opts.data, resolution=resolution, num_ws=num_ws, w_dim=w_dim)
+        training_set = IdentitySet(opts.data, resolution=resolution, num_ws=num_ws, w_dim=w_dim, xflip=opts.mirror)
     except DatasetError as err:
         fail(str(err))
-    dataset_name = os.path.splitext(os.path.basename(os.path.normpath(opts.data)))[0]
+    identities = training_set.identity_names
+    if training_set.multi:
+        if mode == 'full':
+            fail(f'--data={opts.data} holds {len(identities)} identities ({", ".join(identities[:4])}'
+                 f'{", ..." if len(identities) > 4 else ""}): a multi-identity run trains one adapter per identity, '
+                 'so it needs --lora=R; full fine-tuning would train one generator shared by all of them')
+        mode = f'{mode}-ids{len(identities)}'
+    if continuing and recorded is not None and len(recorded) + len(identities) > 2 and list(recorded) != identities:
+        fail(f'--resume={opts.resume} was trained on the identities {list(recorded)}, but --data={opts.data} '
+             f'holds {identities}; pass the same --data to continue the run')
+    dataset_name = training_set.name
 
     c = dnnlib.EasyDict(
         training_set_kwargs=dnnlib.EasyDict(path=opts.data, xflip=opts.mirror, resolution=resolution,
-                                            max_size=len(names) * (2 if opts.mirror else 1)),
+                                            max_size=len(training_set), identities=identities),
         resume_pkl=opts.resume, trust_pickle=opts.trust_pickle, cfg=opts.cfg,
         g_num_fp16_res=opts.g_num_fp16_res, sr_num_fp16_res=opts.sr_num_fp16_res,
         adapter_config=adapter_config, freeze_render=opts.freeze_render, mode=mode,

@@ -12,6 +12,10 @@ A latent is W (`[w_dim]` or `[1, w_dim]`, repeated to all `num_ws` layers) or W+
 `IdentityDataset(path, ...)` reads everything up front (an identity has tens of selfies), checks
 all of it and raises one `DatasetError` that lists every problem with its file. The source is
 only ever read.
+
+A folder of identity folders (or zips) holds several people: `IdentitySet` reads them all (one
+error for all their problems) and `balanced_batch_indices` draws batches in which every identity
+gets the same share of samples. One identity is the special case K = 1.
 """
 
 import io
@@ -294,13 +298,14 @@ class IdentityDataset(torch.utils.data.Dataset):
 #----------------------------------------------------------------------------
 
 
-def batch_indices(dataset_size: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+def batch_indices(dataset_size: int, batch_size: int, step: int, seed: int, start: Optional[int] = None) -> np.ndarray:
     """Dataset indices of the global batch of training step `step`: epochs of seeded permutations.
 
     A pure function of (step, seed), so a resumed run and any number of processes see the same
-    global batches as one uninterrupted process.
+    global batches as one uninterrupted process. `start` overrides the stream position
+    (default: step * batch_size).
     """
-    start = step * batch_size
+    start = step * batch_size if start is None else start
     out = []
     pos = start
     while len(out) < batch_size:
@@ -312,3 +317,120 @@ def batch_indices(dataset_size: int, batch_size: int, step: int, seed: int) -> n
     return np.asarray(out, dtype=np.int64)
 
 #----------------------------------------------------------------------------
+
+
+def identity_folders(path: str) -> Optional[List[Tuple[str, str]]]:
+    """(name, path) of each identity in a folder of identity folders/zips; None if `path` is one identity.
+
+    `path` holds several identities when it is a folder without its own dataset.json whose
+    entries include folders with a dataset.json or .zip files. Every non-hidden sub-folder must
+    then be an identity, so that a misplaced folder is reported rather than skipped; names are
+    folder names, or zip names without `.zip`, and must be unique.
+    """
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, 'dataset.json')):
+        return None
+    entries = sorted(e for e in os.listdir(path) if not e.startswith('.'))
+    folders = [e for e in entries if os.path.isdir(os.path.join(path, e))]
+    zips = [e for e in entries if e.lower().endswith('.zip') and os.path.isfile(os.path.join(path, e))]
+    if not zips and not any(os.path.isfile(os.path.join(path, e, 'dataset.json')) for e in folders):
+        return None
+    problems = [(f'{e}/dataset.json', 'missing: every sub-folder of a folder of identities must be one identity '
+                 '(image_N.png, image_N_latent.npy, dataset.json)')
+                for e in folders if not os.path.isfile(os.path.join(path, e, 'dataset.json'))]
+    named = [(e, os.path.join(path, e)) for e in folders] + [(os.path.splitext(e)[0], os.path.join(path, e)) for e in zips]
+    seen = set()
+    for name, _ in named:
+        if name in seen:
+            problems.append((name, 'two identities have this name (a folder and a zip?); names must be unique'))
+        seen.add(name)
+    if problems:
+        raise DatasetError(path, problems)
+    return sorted(named)
+
+
+class IdentitySet(torch.utils.data.Dataset):
+    """The selfies of K >= 1 identities, concatenated; item = (image, camera, ws, identity index).
+
+    `path` is one identity (K = 1) or a folder of identities (`identity_folders`). Every identity
+    is validated before anything else happens, and one DatasetError lists the problems of all of
+    them, each prefixed with its identity's folder name.
+    """
+
+    def __init__(self, path: str, resolution: Optional[int] = None, num_ws: Optional[int] = None,
+                 w_dim: int = 512, xflip: bool = False):
+        self.path = path
+        self.xflip = bool(xflip)
+        folders = identity_folders(path)
+        self.multi = folders is not None
+        if folders is None:
+            parts = [IdentityDataset(path, resolution=resolution, num_ws=num_ws, w_dim=w_dim, xflip=xflip)]
+            self.identity_names = [parts[0].name]
+        else:
+            parts, problems = [], []
+            for name, sub in folders:
+                try:
+                    parts.append(IdentityDataset(sub, resolution=resolution, num_ws=num_ws, w_dim=w_dim, xflip=xflip))
+                except DatasetError as err:
+                    problems += [(f'{os.path.basename(sub)}/{file}', message) for file, message in err.problems]
+            if len({p.images.shape[1:] for p in parts}) > 1:
+                problems.append(('dataset', 'identities have images of different resolutions'))
+            if len({p.latents.shape[1:] for p in parts}) > 1:
+                problems.append(('dataset', 'identities have latents of different shapes'))
+            if problems:
+                raise DatasetError(path, problems)
+            self.identity_names = [name for name, _ in folders]
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).astype(np.int64)
+        self.names = [n for p in parts for n in p.names]
+        self.images = np.concatenate([p.images for p in parts])
+        self.cameras = np.concatenate([p.cameras for p in parts])
+        self.latents = np.concatenate([p.latents for p in parts])
+        self.identity = np.repeat(np.arange(len(parts), dtype=np.int64), self.sizes)
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def name(self) -> str:
+        """Dataset name for the run directory: the folder or zip name."""
+        return os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, idx: int):
+        return torch.from_numpy(self.images[idx].copy()), torch.from_numpy(self.cameras[idx]), \
+            torch.from_numpy(self.latents[idx]), int(self.identity[idx])
+
+    def batch_indices(self, batch_size: int, step: int, seed: int) -> np.ndarray:
+        """Indices into this set of the global batch of step `step` (see `balanced_batch_indices`)."""
+        identity, within = balanced_batch_indices(self.sizes, batch_size, step, seed)
+        return self.offsets[identity] + within
+
+
+def balanced_batch_indices(sizes: List[int], batch_size: int, step: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(identity, index within the identity) of each sample of the global batch of step `step`.
+
+    The samples of all steps form one stream in which identities take turns (position p belongs
+    to identity p % K), so over any K consecutive samples every identity gets one; identity k's
+    own samples follow `batch_indices` of its own size at position p // K. An identity therefore
+    sees the same images, in the same order, as in a single-identity run with the same seed and
+    batch_size / K, and K = 1 is exactly `batch_indices`.
+    """
+    K = len(sizes)
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    identity = positions % K
+    within = np.empty(batch_size, dtype=np.int64)
+    for k in range(K):
+        sel = identity == k
+        if not sel.any():
+            continue
+        own = positions[sel] // K
+        first = int(own[0])
+        within[sel] = batch_indices(sizes[k], len(own), 0, seed, start=first)
+    return identity, within

@@ -114,7 +114,11 @@ def mirrored_cameras(G: torch.nn.Module, batch_size: int, device: torch.device,
 
 
 class PersonalizationLoss:
-    """Loss terms of one chunk of a batch. `__call__` returns (total, terms, render) with per-term means."""
+    """Loss terms of one chunk of a batch.
+
+    `__call__` returns (total, terms, per_sample): the mean total, the mean of each term, and the
+    total of each sample [N] (per-identity statistics of multi-identity runs).
+    """
 
     def __init__(self, device: torch.device, lpips_net: str = 'alex', arcface: Optional[torch.nn.Module] = None,
                  id_weight: float = 0.0, sym_weight: float = 0.0, density_reg: Optional[float] = None,
@@ -190,4 +194,4 @@ class PersonalizationLoss:
             total = total + reg_gain * terms['density']
 
         terms = {name: value.mean() for name, value in terms.items()}
-        return total.mean(), terms, gen
+        return total.mean(), terms, total

@@ -10,7 +10,11 @@ Tests (and the demo) need a base generator and a personal dataset whose ground t
 Training adapters of rank >= r on G_base (never on G_person) can reach G_person exactly, so the
 reconstruction loss of views held out from training must fall.
 
-Command line (writes <outdir>/train, <outdir>/heldout and <outdir>/base.pkl):
+Several people on one base (`write_identities`) make a multi-identity dataset: a folder with one
+identity folder per person.
+
+Command line (writes <outdir>/train, <outdir>/heldout and <outdir>/base.pkl; with --people=K,
+<outdir>/people/person_<k>, <outdir>/heldout/person_<k> and <outdir>/base.pkl):
     python -m training.synthetic_identity --outdir=datasets/synthetic --views=24 --heldout=6
 """
 
@@ -165,6 +169,25 @@ def save_generator_pkl(G: torch.nn.Module, path: str) -> None:
     legacy.save_network_pkl(dict(G=G, G_ema=G, training_set_kwargs=None), path)
 
 
+def write_person(G_base: torch.nn.Module, train_dir: str, heldout_dir: Optional[str], seed: int, views: int,
+                 heldout: int, rank: int = 1, strength: float = 0.5, neural_rendering_resolution: int = 32,
+                 latent_format: str = 'w+') -> torch.nn.Module:
+    """Render one synthetic person of G_base (its low-rank change, cameras and latents from `seed`); return G_person.
+
+    Writes `views` selfies to train_dir and `heldout` more to heldout_dir (same format).
+    """
+    G_person = apply_low_rank_change(G_base, seed=seed + 1, rank=rank, strength=strength)
+    total = views + heldout
+    labels = camera_labels(total, seed=seed + 2)
+    latents = identity_latents(G_base, total, seed=seed + 3)
+    images = render_views(G_person, labels, latents, seed=seed + 4,
+                          neural_rendering_resolution=neural_rendering_resolution)
+    write_dataset(train_dir, images[:views], labels[:views], latents[:views], latent_format)
+    if heldout > 0:
+        write_dataset(heldout_dir, images[views:], labels[views:], latents[views:], latent_format)
+    return G_person
+
+
 def write_identity(outdir: str, seed: int = 0, views: int = 24, heldout: int = 6, rank: int = 1,
                    strength: float = 0.5, neural_rendering_resolution: int = 32, latent_format: str = 'w+',
                    generator_overrides: Optional[dict] = None) -> dict:
@@ -173,40 +196,58 @@ def write_identity(outdir: str, seed: int = 0, views: int = 24, heldout: int = 6
     Returns paths and the in-memory networks: dict(base_pkl, train, heldout, G_base, G_person).
     """
     G_base = build_tiny_generator(seed, **(generator_overrides or {}))
-    G_person = apply_low_rank_change(G_base, seed=seed + 1, rank=rank, strength=strength)
-    total = views + heldout
-    labels = camera_labels(total, seed=seed + 2)
-    latents = identity_latents(G_base, total, seed=seed + 3)
-    images = render_views(G_person, labels, latents, seed=seed + 4,
-                          neural_rendering_resolution=neural_rendering_resolution)
     paths = dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), train=os.path.join(outdir, 'train'),
                             heldout=os.path.join(outdir, 'heldout'))
-    write_dataset(paths.train, images[:views], labels[:views], latents[:views], latent_format)
-    if heldout > 0:
-        write_dataset(paths.heldout, images[views:], labels[views:], latents[views:], latent_format)
+    G_person = write_person(G_base, paths.train, paths.heldout, seed, views, heldout, rank, strength,
+                            neural_rendering_resolution, latent_format)
     save_generator_pkl(G_base, paths.base_pkl)
     return dnnlib.EasyDict(paths, G_base=G_base, G_person=G_person)
 
 
-def ensure_identity(outdir: str, **kwargs) -> dnnlib.EasyDict:
-    """`write_identity(outdir, **kwargs)` unless outdir already holds one made with the same kwargs.
+def write_identities(outdir: str, count: int, seed: int = 0, views: int = 8, heldout: int = 2, rank: int = 1,
+                     strength: float = 0.5, neural_rendering_resolution: int = 32) -> dict:
+    """`count` synthetic people on one tiny base: <outdir>/people/person_<k>/ (a folder of identities, the
+    multi-identity --data), <outdir>/heldout/person_<k>/ and <outdir>/base.pkl.
+
+    Person k is the person `write_identity` makes with seed + 10 k, on the base of `seed`.
+    Returns dict(base_pkl, people, heldout, names).
+    """
+    G_base = build_tiny_generator(seed)
+    paths = dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), people=os.path.join(outdir, 'people'),
+                            heldout=os.path.join(outdir, 'heldout'), names=[f'person_{k}' for k in range(count)])
+    for k, name in enumerate(paths.names):
+        write_person(G_base, os.path.join(paths.people, name), os.path.join(paths.heldout, name), seed + 10 * k,
+                     views, heldout, rank, strength, neural_rendering_resolution)
+    save_generator_pkl(G_base, paths.base_pkl)
+    return paths
+
+
+def ensure_identity(outdir: str, count: Optional[int] = None, **kwargs) -> dnnlib.EasyDict:
+    """`write_identity(outdir, **kwargs)` (or `write_identities(outdir, count, ...)`) unless outdir already
+    holds one made with the same arguments.
 
     For test suites: several test files share one synthetic identity per pytest session.
-    Returns the paths (base_pkl, train, heldout).
+    Returns the paths (base_pkl, train, heldout; for `count`: base_pkl, people, heldout, names).
     """
     import shutil
     import tempfile
-    key = json.dumps(kwargs, sort_keys=True)
+    key = json.dumps(dict(kwargs, count=count) if count is not None else kwargs, sort_keys=True)
     marker = os.path.join(outdir, 'synthetic_identity.json')
     if not (os.path.isfile(marker) and open(marker).read() == key):
         parent = os.path.dirname(os.path.abspath(outdir))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix='.synthetic-')
-        write_identity(tmp, **kwargs)
+        if count is None:
+            write_identity(tmp, **kwargs)
+        else:
+            write_identities(tmp, count, **kwargs)
         with open(os.path.join(tmp, 'synthetic_identity.json'), 'w') as f:
             f.write(key)
         shutil.rmtree(outdir, ignore_errors=True)
         os.replace(tmp, outdir)
+    if count is not None:
+        return dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), people=os.path.join(outdir, 'people'),
+                               heldout=os.path.join(outdir, 'heldout'), names=[f'person_{k}' for k in range(count)])
     return dnnlib.EasyDict(base_pkl=os.path.join(outdir, 'base.pkl'), train=os.path.join(outdir, 'train'),
                            heldout=os.path.join(outdir, 'heldout'))
 
@@ -220,7 +261,13 @@ if __name__ == '__main__':
     parser.add_argument('--heldout', type=int, default=6)
     parser.add_argument('--rank', type=int, default=1)
     parser.add_argument('--strength', type=float, default=0.5)
+    parser.add_argument('--people', type=int, default=None, help='write this many people on one base')
     args = parser.parse_args()
-    out = write_identity(args.outdir, seed=args.seed, views=args.views, heldout=args.heldout,
-                         rank=args.rank, strength=args.strength)
-    print(f'Wrote {out.train}, {out.heldout} and {out.base_pkl}')
+    if args.people is None:
+        out = write_identity(args.outdir, seed=args.seed, views=args.views, heldout=args.heldout,
+                             rank=args.rank, strength=args.strength)
+        print(f'Wrote {out.train}, {out.heldout} and {out.base_pkl}')
+    else:
+        out = write_identities(args.outdir, args.people, seed=args.seed, views=args.views, heldout=args.heldout,
+                               rank=args.rank, strength=args.strength)
+        print(f'Wrote {args.people} people to {out.people} (held-out views in {out.heldout}) and {out.base_pkl}')

@@ -1,7 +1,13 @@
-"""Personalization training loop: fine-tune adapters (or the whole generator) on one identity.
+"""Personalization training loop: fine-tune adapters (or the whole generator) on one or more identities.
 
-    dataset -> batch (image, camera, latent) -> G.synthesis -> loss terms -> adapter gradients
+    dataset -> batch (image, camera, latent, identity) -> G.synthesis -> loss terms -> adapter gradients
             -> all-reduce -> Adam step (-> AdaLoRA rank allocation) -> log / snapshot
+
+With K identities (a folder of identity folders) the frozen base holds K adapters and each sample
+is rendered with its identity's adapter; batches give every identity the same share of samples,
+and one Adam optimizes all adapters. An adapter only gets gradients from its own identity's
+samples, and the batch loss is multiplied by K, so each adapter receives exactly the gradient of a
+single-identity run with batch B / K (the scale matters: Adam's eps is not scale-free).
 
 `training_loop(**options)` runs in every process of a run; `train.py` builds the options.
 Randomness is a pure function of (random_seed, step, chunk): every chunk of a global batch is
@@ -27,7 +33,7 @@ import dnnlib
 import legacy
 from torch_utils import misc
 from training import configs
-from training.dataset import IdentityDataset, batch_indices
+from training.dataset import IdentitySet
 from training.loss import PersonalizationLoss
 
 #----------------------------------------------------------------------------
@@ -98,16 +104,31 @@ def all_reduce_gradients(params: list, num_gpus: int) -> None:
         param.grad = piece.reshape(param.shape)
 
 
+def grid_indices(identity: np.ndarray, count: int) -> np.ndarray:
+    """`count` dataset indices for the image grids: the first image of every identity, then the second, ..."""
+    rank = np.zeros(len(identity), dtype=np.int64)  # position of each image within its identity
+    for k in np.unique(identity):
+        members = np.flatnonzero(identity == k)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((identity, rank))[:count]
+
+
 @torch.no_grad()
 def save_image_grid(G: torch.nn.Module, images: torch.Tensor, cameras: torch.Tensor, latents: torch.Tensor,
-                    neural_rendering_resolution: int, path: str, seed: int) -> None:
-    """PNG grid, one row per sample: real | render | raw (upsampled) | depth (normalised per image)."""
+                    neural_rendering_resolution: int, path: str, seed: int, identity: Optional[np.ndarray] = None) -> None:
+    """PNG grid, one row per sample: real | render | raw (upsampled) | depth (normalised per image).
+
+    `identity`: the adapter of each row, for a generator with adapters (default: adapter 0).
+    """
+    from training import adapters
     was_training = G.training
     G.eval()
     rows = []
     with torch.random.fork_rng(devices=[images.device] if images.device.type == 'cuda' else []):
         torch.manual_seed(seed)
         for i in range(images.shape[0]):
+            if adapters.is_injected(G):
+                adapters.select(G, int(identity[i]) if identity is not None else 0)
             out = G.synthesis(latents[i:i + 1], cameras[i:i + 1], neural_rendering_resolution=neural_rendering_resolution,
                               noise_mode='const')
             res = images.shape[-1]
@@ -213,23 +234,41 @@ def training_loop(
     D = resume_data.get('D')
     del resume_data
 
-    # Data: every selfie with its camera and latent, checked against the generator.
-    training_set = IdentityDataset(training_set_kwargs['path'], resolution=G.img_resolution,
-                                   num_ws=G.backbone.num_ws, w_dim=G.w_dim, xflip=training_set_kwargs.get('xflip', False))
-    training_set_kwargs.update(class_name='training.dataset.IdentityDataset', resolution=training_set.resolution,
-                               max_size=len(training_set), use_labels=True)
+    # Data: every selfie with its camera and latent (of each identity), checked against the generator.
+    training_set = IdentitySet(training_set_kwargs['path'], resolution=G.img_resolution,
+                               num_ws=G.backbone.num_ws, w_dim=G.w_dim, xflip=training_set_kwargs.get('xflip', False))
+    identity_names = training_set.identity_names
+    K = training_set.num_identities
+    training_set_kwargs.update(class_name='training.dataset.IdentitySet', resolution=training_set.resolution,
+                               max_size=len(training_set), use_labels=True, identities=list(identity_names))
     images = torch.from_numpy(training_set.images)
     cameras = torch.from_numpy(training_set.cameras)
     latents = torch.from_numpy(training_set.latents)
     log(f'Dataset: {len(training_set)} images ({training_set.path}), {training_set.resolution}px, '
         f'latents {list(latents.shape[1:])}{", with x-flips" if training_set.xflip else ""}')
+    if training_set.multi:
+        log(f'{K} identities: ' + ', '.join(f'{n} ({s})' for n, s in zip(identity_names, training_set.sizes)))
+        if adapter_config is None:
+            raise ValueError(f'{training_set.path} holds {K} identities: a multi-identity run trains one adapter per '
+                             'identity, so it needs adapters (--lora=R); full fine-tuning trains one shared generator')
+        if batch_size % K != 0:
+            log(f'Note: batch {batch_size} is not a multiple of the {K} identities; each identity still gets the same '
+                f'number of samples over every {K} consecutive samples.')
+    if continuing:
+        recorded = progress.get('identities')
+        if recorded is not None and list(recorded) != list(identity_names) and (K > 1 or len(recorded) > 1):
+            raise ValueError(f'{resume_pkl} was trained on the identities {list(recorded)}, but '
+                             f'{training_set.path} holds {list(identity_names)}; pass the same --data to continue')
 
     # Trainable parameters: adapters only, or the whole generator (the paper's baseline).
     if adapter_config is not None:
         cfg_obj = adapters.AdapterConfig.from_dict(adapter_config)
         if not adapters.is_injected(G):
-            adapters.inject(G, cfg_obj)
-        else:  # A reloaded snapshot: freeze the base again, train the adapters again.
+            adapters.inject(G, cfg_obj, num_adapters=K)
+        else:
+            if adapters.num_adapters(G) != K:
+                raise ValueError(f'{resume_pkl} holds {adapters.num_adapters(G)} adapter(s), but {training_set.path} '
+                                 f'holds {K} identities')  # A reloaded snapshot: freeze the base again, train the adapters again.
             from training.adapters.inject import adapter_layers
             G.requires_grad_(False)
             for _, layer in adapter_layers(G):
@@ -287,8 +326,10 @@ def training_loop(
                 f'uninterrupted one).')
 
     # Snapshot helpers (all processes call save_snapshot; rank 0 writes).
-    grid_count = min(grid_rows, len(training_set))
-    grid_args = (images[:grid_count].to(device), cameras[:grid_count].to(device), latents[:grid_count].to(device))
+    grid_idx = torch.from_numpy(grid_indices(training_set.identity, min(grid_rows, len(training_set))))
+    grid_count = len(grid_idx)
+    grid_args = (images[grid_idx].to(device), cameras[grid_idx].to(device), latents[grid_idx].to(device))
+    grid_kwargs = dict(seed=random_seed, identity=training_set.identity[grid_idx.numpy()])
 
     def save_snapshot() -> None:
         tag = kimg_tag(cur_nimg)
@@ -300,24 +341,27 @@ def training_loop(
         snapshot = dict(G=snapshot_G, G_ema=snapshot_G, D=D, training_set_kwargs=dict(training_set_kwargs),
                         adapter_config=cfg_obj.to_dict() if cfg_obj is not None else None,
                         personalization=dict(cur_nimg=cur_nimg, step=step, random_seed=random_seed,
-                                             batch_size=batch_size, freeze_render=freeze_render))
+                                             batch_size=batch_size, freeze_render=freeze_render,
+                                             identities=list(identity_names)))
         legacy.save_network_pkl(snapshot, os.path.join(run_dir, f'network-snapshot-{tag}.pkl'))
-        if cfg_obj is not None:
-            path = os.path.join(run_dir, f'adapter-{tag}.safetensors')
-            adapters.save(G, path + '.tmp')
-            os.replace(path + '.tmp', path)
+        if cfg_obj is not None and not training_set.multi:
+            adapters.save(G, os.path.join(run_dir, f'adapter-{tag}.safetensors'))
+        elif cfg_obj is not None:
+            os.makedirs(os.path.join(run_dir, 'adapters'), exist_ok=True)
+            for k, name in enumerate(identity_names):
+                adapters.save(G, os.path.join(run_dir, 'adapters', f'{name}-{tag}.safetensors'), index=k)
         state = dict(cur_nimg=cur_nimg, step=step, random_seed=random_seed, optimizer=optimizer.state_dict(),
                      allocator=allocator.state_dict() if allocator is not None else None)
         _atomic_torch_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))
         if grid_count > 0:
             save_image_grid(G, *grid_args, neural_rendering_resolution, os.path.join(run_dir, f'grid-{tag}.png'),
-                            random_seed)
+                            **grid_kwargs)
         log(f'Saved network-snapshot-{tag}.pkl' +
             (f' (weights identical on all {num_gpus} processes)' if num_gpus > 1 else ''))
 
     if rank == 0 and grid_count > 0:
         save_image_grid(G, *grid_args, neural_rendering_resolution,
-                        os.path.join(run_dir, f'grid-{kimg_tag(cur_nimg)}-start.png'), random_seed)
+                        os.path.join(run_dir, f'grid-{kimg_tag(cur_nimg)}-start.png'), **grid_kwargs)
     tb_writer = None
     if rank == 0:
         try:
@@ -337,12 +381,13 @@ def training_loop(
                     disable=(rank != 0 or not progress_bar), desc='train')
     tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
     sums: dict = {}
+    identity_sums = np.zeros([2, K])  # per identity: sum of per-sample losses, number of samples
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     done = cur_nimg >= total_nimg
     while not done:
         # Batch: this process's chunks of the global batch (image, camera, latent).
-        indices = torch.from_numpy(batch_indices(len(training_set), batch_size, step, random_seed))
+        indices = torch.from_numpy(training_set.batch_indices(batch_size, step, random_seed))
         regularize = lazy_reg and step % density_reg_every == 0
         optimizer.zero_grad(set_to_none=True)
         step_terms: dict = {}
@@ -350,16 +395,21 @@ def training_loop(
             idx = indices[chunk * batch_gpu:(chunk + 1) * batch_gpu]
             real_img = images[idx].to(device).to(torch.float32) / 127.5 - 1
             c, ws = cameras[idx].to(device), latents[idx].to(device)
+            identity = training_set.identity[idx.numpy()]
+            if cfg_obj is not None:
+                adapters.select(G, torch.from_numpy(identity))
             torch.manual_seed(chunk_seed(random_seed, step, chunk))
-            total, terms, _ = loss_fn(G, real_img, c, ws, neural_rendering_resolution,
-                                      regularize=regularize, reg_gain=density_reg_every)
+            total, terms, per_sample = loss_fn(G, real_img, c, ws, neural_rendering_resolution,
+                                               regularize=regularize, reg_gain=density_reg_every)
             share = batch_gpu / batch_size
-            (total * share).backward()
+            (total * (share * K)).backward()
             for name, value in [('total', total)] + list(terms.items()):
                 step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) * share
+            np.add.at(identity_sums[0], identity, per_sample.detach().cpu().double().numpy())
+            np.add.at(identity_sums[1], identity, 1)
         if allocator is not None:  # AdaLoRA: orthogonality of P and Q, once per step over all processes.
-            orth = adapters.orthogonal_regularization(G) * cfg_obj.orth_reg_weight
-            (orth / num_gpus).backward()
+            orth = adapters.orthogonal_regularization(G) * cfg_obj.orth_reg_weight  # a mean over the K adapters
+            (orth * (K / num_gpus)).backward()
             step_terms['orth'] = float(orth.detach()) / num_gpus
             step_terms['total'] += float(orth.detach()) / num_gpus
 
@@ -382,17 +432,21 @@ def training_loop(
         if not (done or crossed):
             continue
         names = sorted(sums)
-        packed = torch.tensor([sums[n][0] for n in names] + [sums[n][1] for n in names], dtype=torch.float64,
-                              device=device)
+        packed = torch.tensor([sums[n][0] for n in names] + [sums[n][1] for n in names] + identity_sums.ravel().tolist(),
+                              dtype=torch.float64, device=device)
         if num_gpus > 1:
             torch.distributed.all_reduce(packed)
         values = {n: packed[i].item() / max(packed[len(names) + i].item() / num_gpus, 1) for i, n in enumerate(names)}
+        per_identity = packed[2 * len(names):].reshape(2, K).cpu().numpy()
         tick_time = time.time() - tick_start_time
         tick_kimg = (cur_nimg - tick_start_nimg) / 1000
         stats = {'tick': cur_nimg // tick_nimg, 'kimg': cur_nimg / 1000, 'step': step, 'timestamp': time.time(),
                  'sec_per_tick': tick_time, 'sec_per_kimg': tick_time / max(tick_kimg, 1e-9),
                  'sec_per_step': tick_time / max(step - tick_start_step, 1), 'lr': G_opt_kwargs['lr']}
         stats.update({f'loss/{n}': v for n, v in values.items()})
+        if training_set.multi:  # mean total loss of each identity's samples in this tick
+            stats.update({f'identity/{name}/loss': float(per_identity[0, k] / max(per_identity[1, k], 1))
+                          for k, name in enumerate(identity_names)})
         stats['mem/cpu_rss_gb'] = psutil.Process().memory_info().rss / 2**30
         if device.type == 'cuda':
             stats['mem/gpu_peak_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -413,6 +467,7 @@ def training_loop(
         if done or (cur_nimg // tick_nimg) % network_snapshot_ticks == 0:
             save_snapshot()
         sums = {}
+        identity_sums[:] = 0
         tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
 
     bar.close()

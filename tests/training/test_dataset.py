@@ -7,7 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from training.dataset import (DatasetError, IdentityDataset, batch_indices, mirror_camera, read_identity)
+from training.dataset import (DatasetError, IdentityDataset, IdentitySet, balanced_batch_indices, batch_indices,
+                              identity_folders, mirror_camera, read_identity)
 
 R, NUM_WS, W_DIM = 16, 4, 8
 
@@ -219,3 +220,58 @@ def test_batches_are_epochs_of_permutations_and_deterministic():
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:20].tolist()) == list(range(10))
     assert np.array_equal(batch_indices(10, 4, 3, seed=3), batch_indices(10, 4, 3, seed=3))
     assert not np.array_equal(seen[:10], np.concatenate([batch_indices(10, 4, s, seed=4) for s in range(3)])[:10])
+
+
+# Folders of identities (multi-identity runs).
+
+def test_folder_of_identities_is_read_as_one_set(tmp_path):
+    _write(tmp_path / 'people' / 'bob', n=2)
+    _write(tmp_path / 'people' / 'amy', n=3)
+    ds = IdentitySet(str(tmp_path / 'people'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
+    assert ds.multi and ds.identity_names == ['amy', 'bob'] and ds.sizes == [3, 2]
+    assert ds.identity.tolist() == [0, 0, 0, 1, 1] and len(ds) == 5
+    alone = IdentityDataset(str(tmp_path / 'people' / 'bob'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
+    assert np.array_equal(ds.images[3:], alone.images) and np.array_equal(ds.latents[3:], alone.latents)
+    single = IdentitySet(str(tmp_path / 'people' / 'bob'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
+    assert not single.multi and single.identity_names == ['bob'] and single.identity.tolist() == [0, 0]
+
+
+def test_zipped_identities_count(tmp_path):
+    _write(tmp_path / 'src', n=2)
+    os.makedirs(tmp_path / 'people')
+    with zipfile.ZipFile(tmp_path / 'people' / 'zoe.zip', 'w') as z:
+        for name in os.listdir(tmp_path / 'src'):
+            z.write(tmp_path / 'src' / name, name)
+    _write(tmp_path / 'people' / 'amy', n=1)
+    assert identity_folders(str(tmp_path / 'people')) == [('amy', str(tmp_path / 'people' / 'amy')),
+                                                          ('zoe', str(tmp_path / 'people' / 'zoe.zip'))]
+
+
+def test_problems_of_every_identity_are_listed_with_their_folder(tmp_path):
+    _write(tmp_path / 'people' / 'amy', n=2)
+    _write(tmp_path / 'people' / 'bob', n=2)
+    os.remove(tmp_path / 'people' / 'amy' / 'image_1_latent.npy')
+    np.save(tmp_path / 'people' / 'bob' / 'image_0_latent.npy', np.full((1, NUM_WS, W_DIM), np.nan, np.float32))
+    os.makedirs(tmp_path / 'people' / 'notes')
+    with pytest.raises(DatasetError) as info:
+        IdentitySet(str(tmp_path / 'people'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
+    files = [f for f, _ in info.value.problems]
+    assert files == ['notes/dataset.json']  # the folder layout is checked first
+    os.rmdir(tmp_path / 'people' / 'notes')
+    with pytest.raises(DatasetError) as info:
+        IdentitySet(str(tmp_path / 'people'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
+    files = [f for f, _ in info.value.problems]
+    assert 'amy/image_1.png' in files and 'bob/image_0_latent.npy' in files
+    assert str(tmp_path / 'people') in str(info.value)
+
+
+def test_balanced_batches_give_each_identity_its_own_single_run_order():
+    sizes, K = [5, 3, 4], 3
+    for step in range(6):
+        assert np.array_equal(balanced_batch_indices([7], 4, step, 2)[1], batch_indices(7, 4, step, seed=2))
+        identity, within = balanced_batch_indices(sizes, 6, step, seed=2)
+        assert np.bincount(identity, minlength=K).tolist() == [2, 2, 2]
+        for k in range(K):
+            assert np.array_equal(within[identity == k], batch_indices(sizes[k], 2, step, seed=2))
+    identity = np.concatenate([balanced_batch_indices(sizes, 4, s, seed=0)[0] for s in range(3)])
+    assert np.bincount(identity).tolist() == [4, 4, 4]  # batch 4 with 3 identities: balanced over 12 samples

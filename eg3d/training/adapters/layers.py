@@ -143,16 +143,18 @@ class AdapterLayer(torch.nn.Module):
         self.dropout = float(dropout)
         self.adalora = bool(adalora)
         self.rank_unit = int(rank_unit)
+        # Every adapter starts from the same draw (one adapter's worth of random numbers), so adapter k
+        # of a K-identity run starts exactly where a single-identity run with the same seed starts.
         if self.adalora:
             # PEFT AdaLoRA init: P, Q ~ N(0, 0.02), Lambda = 0.
-            self.lora_A = torch.nn.Parameter(torch.randn([K, self.rank, self.fan_in]) * 0.02)
+            self.lora_A = torch.nn.Parameter((torch.randn([1, self.rank, self.fan_in]) * 0.02).repeat(K, 1, 1))
             self.lora_E = torch.nn.Parameter(torch.zeros([K, self.rank, 1]))
-            self.lora_B = torch.nn.Parameter(torch.randn([K, self.fan_out, self.rank]) * 0.02)
+            self.lora_B = torch.nn.Parameter((torch.randn([1, self.fan_out, self.rank]) * 0.02).repeat(K, 1, 1))
             self.register_buffer('rank_mask', torch.ones([K, self.rank]))
         else:
             # PEFT LoRA init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B = 0.
             bound = 1 / math.sqrt(max(self.fan_in, 1))
-            self.lora_A = torch.nn.Parameter(torch.empty([K, self.rank, self.fan_in]).uniform_(-bound, bound))
+            self.lora_A = torch.nn.Parameter(torch.empty([1, self.rank, self.fan_in]).uniform_(-bound, bound).repeat(K, 1, 1))
             self.lora_B = torch.nn.Parameter(torch.zeros([K, self.fan_out, self.rank]))
         if bias_features:
             self.bias_delta = torch.nn.Parameter(torch.zeros([K, int(bias_features)]))

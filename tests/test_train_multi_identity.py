@@ -1,0 +1,108 @@
+"""train.py on a folder of identities: one adapter each, trained in one run, equal to single-identity runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import legacy
+import train
+from training import adapters
+from training import synthetic_identity as si
+from training.dataset import read_identity
+
+VIEWS, HELDOUT, STEPS, PER_IDENTITY_BATCH = 4, 2, 8, 4
+TINY = ['--cfg=resume', '--device=cpu', '--lpips=none', '--neural_rendering_resolution_initial=32', '--progress=False',
+        '--lora=1', '--glr=0.005', '--betas=0.9,0.99', '--density_reg=0', '--grid=0', '--seed=5']
+
+
+@pytest.fixture(scope='module')
+def people(tmp_path_factory):
+    """Two synthetic people on one tiny base: people/person_0, people/person_1, their held-out views, base.pkl."""
+    return si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'synthetic-people-2'), count=2, views=VIEWS,
+                              heldout=HELDOUT, strength=0.3)
+
+
+def _train(outdir, data, resume, batch, extra=()):
+    args = [f'--outdir={outdir}', f'--data={data}', f'--resume={resume}', f'--batch={batch}',
+            f'--kimg={STEPS * batch / 1000}', f'--tick={STEPS * batch / 2000}', '--snap=1'] + TINY + list(extra)
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return outdir / sorted(os.listdir(outdir))[-1]
+
+
+def _heldout_loss(G, people, k):
+    """MSE of person k's held-out views, each rendered with the renderer seed its target was made with."""
+    _, images, cameras, latents = read_identity(os.path.join(people.heldout, people.names[k]))
+    targets = torch.from_numpy(images).float() / 127.5 - 1
+    losses = []
+    with torch.no_grad():
+        for i in range(len(images)):
+            torch.manual_seed(10 * k + 4 + VIEWS + i)  # write_identities renders person k's view j with seed 10k + 4 + j
+            out = G.eval().synthesis(torch.from_numpy(latents[i:i + 1]), torch.from_numpy(cameras[i:i + 1]),
+                                     neural_rendering_resolution=32, noise_mode='const')
+            losses.append(float((out['image'] - targets[i:i + 1]).square().mean()))
+    return float(np.mean(losses))
+
+
+def test_two_identities_in_one_run_match_two_single_runs(people, tmp_path):
+    multi = _train(tmp_path / 'multi', people.people, people.base_pkl, batch=2 * PER_IDENTITY_BATCH)
+    assert multi.name == f'00000-resume-people-gpus1-batch{2 * PER_IDENTITY_BATCH}-lora1-ids2'
+    tag = f'000000.{STEPS * 2 * PER_IDENTITY_BATCH:03d}'
+    files = set(os.listdir(multi))
+    assert f'network-snapshot-{tag}.pkl' in files and f'adapter-{tag}.safetensors' not in files
+    half = f'000000.{STEPS * PER_IDENTITY_BATCH:03d}'  # the first of the two snapshots
+    assert sorted(os.listdir(multi / 'adapters')) == sorted(f'{name}-{t}.safetensors' for name in people.names
+                                                            for t in (half, tag))
+    stats = [json.loads(line) for line in open(multi / 'stats.jsonl')]
+    assert all(f'identity/{name}/loss' in s for s in stats for name in people.names)
+    assert stats[-1]['step'] == STEPS
+
+    base = legacy.load_network_pkl(people.base_pkl)['G']
+    snapshot = legacy.load_network_pkl(str(multi / f'network-snapshot-{tag}.pkl'))
+    assert snapshot['personalization']['identities'] == people.names
+    for k, name in enumerate(people.names):
+        single = _train(tmp_path / f'single-{k}', os.path.join(people.people, name), people.base_pkl,
+                        batch=PER_IDENTITY_BATCH)
+        single_G = legacy.load_network_pkl(str(single / f'network-snapshot-000000.{STEPS * PER_IDENTITY_BATCH:03d}.pkl'))['G']
+        in_group = adapters.load(legacy.load_network_pkl(people.base_pkl)['G'], str(multi / 'adapters' / f'{name}-{tag}.safetensors'))
+        before, alone, grouped = (_heldout_loss(G, people, k) for G in (base, single_G, in_group))
+        print(f'{name}: held-out MSE base {before:.5f}, single run {alone:.5f}, two-identity run {grouped:.5f}')
+        assert alone < 0.8 * before and grouped < 0.8 * before  # training learned the person
+        assert abs(grouped - alone) <= 0.1 * alone
+
+    # One batch mixing both identities renders each sample as that identity's adapter alone does.
+    G = snapshot['G_ema'].eval()
+    _, _, cameras, latents = read_identity(os.path.join(people.heldout, people.names[0]))
+    ws, c = torch.from_numpy(latents[:2]), torch.from_numpy(cameras[:2])
+    renders = []
+    for idx in ([1, 0], 0, 1):
+        adapters.select(G, torch.tensor(idx) if isinstance(idx, list) else idx)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            renders.append(G.synthesis(ws, c, neural_rendering_resolution=32, noise_mode='const')['image'])
+    mixed, as_first, as_second = renders
+    torch.testing.assert_close(mixed[0], as_second[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], as_first[1], atol=1e-5, rtol=0)
+    assert (as_first - as_second).abs().max() > 1e-3
+
+
+def test_multi_identity_needs_adapters(people, tmp_path):
+    args = [f'--outdir={tmp_path}', f'--data={people.people}', f'--resume={people.base_pkl}', '--lora=0'] + \
+        [a for a in TINY if not a.startswith('--lora')]
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code != 0 and 'holds 2 identities' in result.output and '--lora' in result.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_identity_is_reported_with_its_folder_before_training(people, tmp_path):
+    import shutil
+    data = tmp_path / 'people'
+    shutil.copytree(people.people, data)
+    os.remove(data / 'person_1' / 'image_2_latent.npy')
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', f'--data={data}',
+                                             f'--resume={people.base_pkl}'] + TINY)
+    assert result.exit_code != 0 and 'person_1/image_2.png' in result.output and 'no latent' in result.output
+    assert not (tmp_path / 'runs').exists()
