@@ -32,7 +32,9 @@ import tqdm
 import dnnlib
 import legacy
 from torch_utils import misc
+from training import adapters
 from training import configs
+from training.adapters.inject import adapter_layers
 from training.dataset import IdentitySet
 from training.loss import PersonalizationLoss
 
@@ -120,7 +122,6 @@ def save_image_grid(G: torch.nn.Module, images: torch.Tensor, cameras: torch.Ten
 
     `identity`: the adapter of each row, for a generator with adapters (default: adapter 0).
     """
-    from training import adapters
     was_training = G.training
     G.eval()
     rows = []
@@ -205,7 +206,6 @@ def training_loop(
     # Generator: continue our own run, or start from a pretrained (official or ours) generator.
     log(f'Loading "{resume_pkl}"...')
     resume_data = legacy.load_network_pkl(resume_pkl, allow_unsafe=trust_pickle)
-    from training import adapters
     progress = resume_data.get('personalization')
     continuing = isinstance(progress, dict)
     if continuing:
@@ -265,11 +265,10 @@ def training_loop(
         cfg_obj = adapters.AdapterConfig.from_dict(adapter_config)
         if not adapters.is_injected(G):
             adapters.inject(G, cfg_obj, num_adapters=K)
-        else:
+        else:  # A reloaded snapshot: freeze the base again, train the adapters again.
             if adapters.num_adapters(G) != K:
                 raise ValueError(f'{resume_pkl} holds {adapters.num_adapters(G)} adapter(s), but {training_set.path} '
-                                 f'holds {K} identities')  # A reloaded snapshot: freeze the base again, train the adapters again.
-            from training.adapters.inject import adapter_layers
+                                 f'holds {K} identities')
             G.requires_grad_(False)
             for _, layer in adapter_layers(G):
                 for param in layer.adapter_parameters():
