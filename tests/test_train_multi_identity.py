@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import legacy
 import train
@@ -47,8 +48,13 @@ def _heldout_loss(G, people, k):
     return float(np.mean(losses))
 
 
-def test_two_identities_in_one_run_match_two_single_runs(people, tmp_path):
-    multi = _train(tmp_path / 'multi', people.people, people.base_pkl, batch=2 * PER_IDENTITY_BATCH)
+@pytest.fixture(scope='module')
+def multi(people, tmp_path_factory):
+    """A two-identity run with snapshots after STEPS / 2 and STEPS steps."""
+    return _train(tmp_path_factory.mktemp('multi'), people.people, people.base_pkl, batch=2 * PER_IDENTITY_BATCH)
+
+
+def test_two_identities_in_one_run_match_two_single_runs(people, multi, tmp_path):
     assert multi.name == f'00000-resume-people-gpus1-batch{2 * PER_IDENTITY_BATCH}-lora1-ids2'
     tag = f'000000.{STEPS * 2 * PER_IDENTITY_BATCH:03d}'
     files = set(os.listdir(multi))
@@ -106,3 +112,21 @@ def test_bad_identity_is_reported_with_its_folder_before_training(people, tmp_pa
                                              f'--resume={people.base_pkl}'] + TINY)
     assert result.exit_code != 0 and 'person_1/image_2.png' in result.output and 'no latent' in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_resumed_multi_identity_run_equals_uninterrupted_run(people, multi, tmp_path):
+    half, tag = (f'000000.{STEPS * PER_IDENTITY_BATCH * f:03d}' for f in (1, 2))
+    resumed = _train(tmp_path / 'resumed', people.people, str(multi / f'network-snapshot-{half}.pkl'),
+                     batch=2 * PER_IDENTITY_BATCH)
+    assert 'Restored optimizer state' in open(resumed / 'log.txt').read()
+    for name in people.names:
+        a, b = (load_file(str(run / 'adapters' / f'{name}-{tag}.safetensors')) for run in (multi, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_with_other_identities_is_refused(people, multi, tmp_path):
+    half = f'000000.{STEPS * PER_IDENTITY_BATCH:03d}'
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--data={os.path.join(people.people, "person_0")}',
+                                             f'--resume={multi / f"network-snapshot-{half}.pkl"}'] + TINY)
+    assert result.exit_code != 0 and "identities ['person_0', 'person_1']" in result.output
+    assert os.listdir(tmp_path) == []
