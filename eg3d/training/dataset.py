@@ -348,7 +348,7 @@ def identity_folders(path: str) -> Optional[List[Tuple[str, str]]]:
     return sorted(named)
 
 
-class IdentitySet(torch.utils.data.Dataset):
+class IdentitySet(IdentityDataset):
     """The selfies of K >= 1 identities, concatenated; item = (image, camera, ws, identity index).
 
     `path` is one identity (K = 1) or a folder of identities (`identity_folders`). Every identity
@@ -357,7 +357,7 @@ class IdentitySet(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str, resolution: Optional[int] = None, num_ws: Optional[int] = None,
-                 w_dim: int = 512, xflip: bool = False):
+                 w_dim: int = 512, xflip: bool = False):  # pylint: disable=super-init-not-called
         self.path = path
         self.xflip = bool(xflip)
         folders = identity_folders(path)
@@ -391,21 +391,8 @@ class IdentitySet(torch.utils.data.Dataset):
     def num_identities(self) -> int:
         return len(self.sizes)
 
-    @property
-    def name(self) -> str:
-        """Dataset name for the run directory: the folder or zip name."""
-        return os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
-
-    @property
-    def resolution(self) -> int:
-        return int(self.images.shape[2])
-
-    def __len__(self) -> int:
-        return len(self.names)
-
     def __getitem__(self, idx: int):
-        return torch.from_numpy(self.images[idx].copy()), torch.from_numpy(self.cameras[idx]), \
-            torch.from_numpy(self.latents[idx]), int(self.identity[idx])
+        return super().__getitem__(idx) + (int(self.identity[idx]),)
 
     def batch_indices(self, batch_size: int, step: int, seed: int) -> np.ndarray:
         """Indices into this set of the global batch of step `step` (see `balanced_batch_indices`)."""

@@ -229,7 +229,9 @@ def test_folder_of_identities_is_read_as_one_set(tmp_path):
     _write(tmp_path / 'people' / 'amy', n=3)
     ds = IdentitySet(str(tmp_path / 'people'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
     assert ds.multi and ds.identity_names == ['amy', 'bob'] and ds.sizes == [3, 2]
-    assert ds.identity.tolist() == [0, 0, 0, 1, 1] and len(ds) == 5
+    assert ds.identity.tolist() == [0, 0, 0, 1, 1] and len(ds) == 5 and ds.resolution == R and ds.name == 'people'
+    image, camera, ws, identity = ds[3]
+    assert identity == 1 and image.shape == (3, R, R) and camera.shape == (25,) and ws.shape == (NUM_WS, W_DIM)
     alone = IdentityDataset(str(tmp_path / 'people' / 'bob'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
     assert np.array_equal(ds.images[3:], alone.images) and np.array_equal(ds.latents[3:], alone.latents)
     single = IdentitySet(str(tmp_path / 'people' / 'bob'), resolution=R, num_ws=NUM_WS, w_dim=W_DIM)
