@@ -10,6 +10,9 @@ this process (loading the pickle, reading the data, building the loss, training,
 final snapshot and adapter files), which leaves out the interpreter start-up a real sequential
 job would also pay K times. Identities per hour = K / wall time. The sequential time is measured
 on `--sequential-repeats` single runs (all identities cost the same) and multiplied by K.
+`--pass-size` splits each step into passes of that many samples (train.py's --batch-gpu); on a CPU,
+where a large pass costs more per sample than a small one, passes of the per-identity batch are
+the fair setting.
 
 Rendering: one generator holding K adapters renders a batch that mixes all K identities, against
 K merged single-identity generators (`adapters.merge`) each rendering its share; images per
@@ -62,12 +65,13 @@ def write_people(G: torch.nn.Module, root: str, count: int, views: int) -> str:
 
 
 def timed_run(data: str, base_pkl: str, run_dir: str, batch: int, args) -> float:
+    batch_gpu = min(args.pass_size, batch) if args.pass_size else batch
     os.makedirs(run_dir)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's log (also in run_dir/log.txt)
         training_loop(run_dir=run_dir, training_set_kwargs=dict(path=data), resume_pkl=base_pkl, cfg='resume',
                       adapter_config=dict(r=1, alpha=1.0), neural_rendering_resolution=args.nrr, batch_size=batch,
-                      batch_gpu=batch, total_kimg=args.steps * batch / 1000, kimg_per_tick=args.steps * batch / 1000,
+                      batch_gpu=batch_gpu, total_kimg=args.steps * batch / 1000, kimg_per_tick=args.steps * batch / 1000,
                       network_snapshot_ticks=1, device=args.device, grid_rows=0, progress_bar=False,
                       loss_kwargs=dict(lpips_net=args.lpips), G_opt_kwargs=dict(lr=0.0025, betas=[0, 0.99]))
     if args.device == 'cuda':
@@ -149,6 +153,8 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=4, help='training steps (every identity gets this many)')
     parser.add_argument('--per-identity-batch', type=int, default=2)
     parser.add_argument('--views', type=int, default=8, help='selfies per synthetic identity')
+    parser.add_argument('--pass-size', type=int, default=None,
+                        help='samples per forward pass (--batch-gpu; default: the whole batch in one pass)')
     parser.add_argument('--sequential-repeats', type=int, default=2)
     parser.add_argument('--nrr', type=int, default=None, help='neural rendering resolution (default: 32 tiny, 128 ffhq512)')
     parser.add_argument('--lpips', default='alex-random', help="LPIPS in the loss ('alex-random': random backbone, no download)")
@@ -169,7 +175,8 @@ def main() -> None:
     if not args.skip_training:
         with tempfile.TemporaryDirectory() as root:
             rows = training_rows(G, args, root)
-        print(f'Training: {args.steps} steps of {args.per_identity_batch} images per identity, LoRA rank 1, '
+        passes = f'passes of {args.pass_size}' if args.pass_size else 'one pass per step'
+        print(f'Training: {args.steps} steps of {args.per_identity_batch} images per identity ({passes}), LoRA rank 1, '
               f'LPIPS {args.lpips}; wall time including setup and the final snapshot.\n')
         print('| K | one run (s) | K sequential runs (s) | identities / hour, one run | identities / hour, sequential | speed-up |')
         print('|---:|---:|---:|---:|---:|---:|')
