@@ -6,6 +6,10 @@ Compares, on the same generator and batch:
            layer weight (torch parametrization), so convolutions still compute full weight grads;
   adapted  training.adapters (frozen base, low-rank branch; no weight gradients for the base).
 
+Steps are interleaved (one step of each method per round, rotating the order), so that a change in
+machine load during the run hits every method alike. The table gives medians over rounds of the
+wall-clock time and of the process CPU time (user + system, all threads; on a shared CPU machine
+the latter does not count time spent waiting for a core), and the load average before and after.
 Prints a markdown table. CPU at a reduced config by default; `--config ffhq512 --device cuda` on a GPU.
 
     python bench/adapters.py                       # reduced config, CPU
@@ -22,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -89,19 +93,36 @@ def make_step(G: torch.nn.Module, batch: int, device: torch.device, res: int) ->
     return step
 
 
-def time_step(step: Callable[[], None], device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds per call."""
-    times = []
-    for i in range(warmup + iters):
+def time_steps(steps: Dict[str, Callable[[], None]], device: torch.device, iters: int,
+               warmup: int) -> Dict[str, Tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each step, the steps interleaved round by round (order rotated)."""
+    def timed(step: Callable[[], None]) -> Tuple[float, float]:
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    labels = list(steps)
+    times: Dict[str, List[Tuple[float, float]]] = {label: [] for label in labels}
+    for i in range(warmup + iters):
+        for j in range(len(labels)):
+            label = labels[(i + j) % len(labels)]
+            t = timed(steps[label])
+            if i >= warmup:
+                times[label].append(t)
+    return {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for label, ts in times.items()}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, for the table caption."""
+    try:
+        return '/'.join(f'{v:.1f}' for v in os.getloadavg())
+    except OSError:
+        return 'n/a'
 
 
 def machine_name(device: torch.device) -> str:
@@ -133,21 +154,25 @@ def run_benchmark(args: argparse.Namespace) -> str:
     adapters.inject(adapted, cfg)
     models['adapters (this package)'] = adapted
 
-    timings = {}
-    for label, G in models.items():
-        timings[label] = time_step(make_step(G, args.batch, device, res), device, args.iters, args.warmup)
+    load_before = load_average()
+    timings = time_steps({label: make_step(G, args.batch, device, res) for label, G in models.items()}, device,
+                         args.iters, args.warmup)
+    load_after = load_average()
     trainable = {label: sum(p.numel() for p in G.parameters() if p.requires_grad) for label, G in models.items()}
     ref = timings['full fine-tuning']
     lines = [
         f'Training step (G.synthesis forward + backward), config `{args.config}`, batch {args.batch}, '
         f'neural rendering {res}x{res}, LoRA r={args.rank} on synthesis + superresolution, '
-        f'median of {args.iters} steps. Machine: {machine_name(device)}; torch {torch.__version__}.',
+        f'median of {args.iters} interleaved steps. Machine: {machine_name(device)}; torch {torch.__version__}; '
+        f'load average (1/5/15 min) {load_before} before, {load_after} after.',
         '',
-        '| method | trainable params | ms / step | speed-up vs full |',
-        '|---|---:|---:|---:|',
+        '| method | trainable params | ms / step (wall) | speed-up vs full (wall) | CPU ms / step | '
+        'speed-up vs full (CPU) |',
+        '|---|---:|---:|---:|---:|---:|',
     ]
-    for label, t in timings.items():
-        lines.append(f'| {label} | {trainable[label]:,} | {1000 * t:.1f} | {ref / t:.2f}x |')
+    for label, (wall, cpu) in timings.items():
+        lines.append(f'| {label} | {trainable[label]:,} | {1000 * wall:.1f} | {ref[0] / wall:.2f}x | '
+                     f'{1000 * cpu:.1f} | {ref[1] / cpu:.2f}x |')
     return '\n'.join(lines)
 
 

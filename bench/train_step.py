@@ -3,13 +3,20 @@
     python bench/train_step.py                                  # tiny config (golden tiny128) on CPU, batch 2
     python bench/train_step.py --config ffhq512 --device cuda   # FFHQ 512 at batch 4 on a GPU
 
-Each mode runs in its own process (clean peak-memory numbers) and times the real training step
-of training/training_loop.py: G.synthesis with noise_mode='const' at the neural rendering
-resolution, the personalization loss (MSE + LPIPS at both resolutions; density regularisation on
-every `--density_reg_every`-th step), backward, Adam on the trainable parameters (AdaLoRA: plus the
-orthogonal regularisation and the rank allocator). Weights are random (no download needed).
+Each mode runs in its own process (clean peak-memory numbers); with `--repeats R` the processes run
+R times, alternating between the modes, so that changes in machine load hit every mode alike, and the
+table gives the median over all timed steps of a mode (memory: the median over its processes).
+Each process times the real training step of training/training_loop.py: G.synthesis with
+noise_mode='const' at the neural rendering resolution, the personalization loss (MSE + LPIPS at both
+resolutions; density regularisation on every `--density_reg_every`-th step), backward, Adam on the
+trainable parameters (AdaLoRA: plus the orthogonal regularisation and the rank allocator). Weights
+are random (no download needed).
 Memory: CUDA peak allocated memory, or on CPU the rise of the process's peak RSS over its RSS
 just before the first step (optimizer state, activations and gradients; the generator itself excluded).
+The CPU figure depends on the allocator (glibc returns large blocks to the system and takes them
+back, so it moves by tens of MiB between runs); as a deterministic companion the table also gives
+the bytes autograd keeps for the backward pass of one step (unique storages of the saved
+tensors, parameters excluded), measured on an extra step after the timed ones.
 Prints a markdown table.
 """
 
@@ -39,6 +46,22 @@ def build_generator(config: str):
     return TriPlaneGenerator(**configs.generator_kwargs('ffhq', 512)).eval().requires_grad_(False)
 
 
+def saved_for_backward(step) -> int:
+    """Bytes of the distinct storages autograd saves for backward during `step()` (parameters excluded)."""
+    import torch
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
 def run_mode(args) -> dict:
     """Child process: time `args.steps` training steps of one mode; returns the measurements."""
     sys.path.insert(0, EG3D_DIR)
@@ -54,7 +77,7 @@ def run_mode(args) -> dict:
     G = build_generator(args.config)
     adapter_cfg = MODES[args.mode]
     if adapter_cfg is not None:
-        cfg = adapters.AdapterConfig(**adapter_cfg, total_step=args.steps + args.warmup)
+        cfg = adapters.AdapterConfig(**adapter_cfg, total_step=args.steps + args.warmup + 1)
         adapters.inject(G, cfg)
         trainable = adapters.trainable_parameters(G)
     else:
@@ -94,19 +117,35 @@ def run_mode(args) -> dict:
     for k in range(args.warmup):
         step(k)
     sync()
-    times = []
+    times, cpu_times = [], []
     for k in range(args.warmup, args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(k)
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    saved = saved_for_backward(lambda: step(args.warmup + args.steps))
     return dict(mode=args.mode, trainable=sum(p.numel() for p in trainable), sec_per_step=float(np.median(times)),
-                sec_min=float(np.min(times)), peak_bytes=int(peak), device=str(device), config=args.config,
-                batch=args.batch, nrr=nrr, steps=args.steps)
+                sec_min=float(np.min(times)), times=times, cpu_times=cpu_times, peak_bytes=int(peak),
+                saved_bytes=int(saved), device=str(device), config=args.config, batch=args.batch, nrr=nrr,
+                steps=args.steps)
+
+
+def summarize(runs: list) -> dict:
+    """One mode's processes -> one row: median over all timed steps, median memory over processes."""
+    import statistics
+    row = dict(runs[0])
+    row['sec_per_step'] = statistics.median(t for r in runs for t in r['times'])
+    row['cpu_sec_per_step'] = statistics.median(t for r in runs for t in r['cpu_times'])
+    row['sec_min'] = min(r['sec_min'] for r in runs)
+    row['peak_bytes'] = int(statistics.median(r['peak_bytes'] for r in runs))
+    row['saved_bytes'] = int(statistics.median(r['saved_bytes'] for r in runs))
+    row['processes'] = len(runs)
+    return row
 
 
 def main() -> None:
@@ -120,6 +159,7 @@ def main() -> None:
     parser.add_argument('--lpips', default='alex-random', help="LPIPS in the loss ('alex-random': random backbone, no download)")
     parser.add_argument('--density_reg_every', type=int, default=4)
     parser.add_argument('--modes', default='lora,adalora,full')
+    parser.add_argument('--repeats', type=int, default=1, help='processes per mode, run alternately')
     parser.add_argument('--mode', help=argparse.SUPPRESS)  # child process
     parser.add_argument('--json', action='store_true', help='also print the raw measurements as JSON lines')
     args = parser.parse_args()
@@ -132,8 +172,8 @@ def main() -> None:
         print('RESULT ' + json.dumps(run_mode(args)))
         return
 
-    results = []
-    for mode in args.modes.split(','):
+    runs = []
+    for mode in args.modes.split(',') * args.repeats:
         cmd = [sys.executable, os.path.abspath(__file__), f'--mode={mode}', f'--config={args.config}',
                f'--device={args.device}', f'--batch={args.batch}', f'--steps={args.steps}', f'--warmup={args.warmup}',
                f'--lpips={args.lpips}', f'--density_reg_every={args.density_reg_every}'] + \
@@ -142,17 +182,19 @@ def main() -> None:
         lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
         if out.returncode != 0 or not lines:
             sys.exit(f'{mode} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}')
-        results.append(json.loads(lines[-1][len('RESULT '):]))
+        runs.append(json.loads(lines[-1][len('RESULT '):]))
+    results = [summarize([r for r in runs if r['mode'] == mode]) for mode in args.modes.split(',')]
 
     r0 = results[0]
     memory = 'peak CUDA memory' if r0['device'].startswith('cuda') else 'peak RSS rise'
     print(f'Training step, config {r0["config"]}, batch {r0["batch"]}, neural rendering {r0["nrr"]}px, '
-          f'{r0["device"]}, median of {r0["steps"]} steps:\n')
-    print(f'| mode | trainable parameters | sec / step | {memory} (MiB) |')
-    print('|---|---:|---:|---:|')
+          f'{r0["device"]}, median of {r0["steps"]} steps x {args.repeats} process(es) per mode:\n')
+    print(f'| mode | trainable parameters | sec / step | CPU sec / step | {memory} (MiB) | saved for backward (MiB) |')
+    print('|---|---:|---:|---:|---:|---:|')
     names = {'lora': 'LoRA rank 1', 'adalora': 'AdaLoRA (init 2, target 1)', 'full': 'full fine-tuning'}
     for r in results:
-        print(f'| {names[r["mode"]]} | {r["trainable"]:,} | {r["sec_per_step"]:.3f} | {r["peak_bytes"] / 2**20:.0f} |')
+        print(f'| {names[r["mode"]]} | {r["trainable"]:,} | {r["sec_per_step"]:.3f} | {r["cpu_sec_per_step"]:.3f} | '
+              f'{r["peak_bytes"] / 2**20:.0f} | {r["saved_bytes"] / 2**20:.0f} |')
     if args.json:
         for r in results:
             print(json.dumps(r))

@@ -25,7 +25,6 @@ from torch_utils import misc
 from torch_utils import persistence
 from torch_utils.ops import bias_act
 from torch_utils.ops import conv2d_resample
-from torch_utils.ops import fma
 
 #----------------------------------------------------------------------------
 
@@ -49,6 +48,225 @@ def _lowrank_conv(x, A, B, kh, kw, f=None, up=1, down=1, padding=0, flip_weight=
     return y.reshape(N, O, *y.shape[2:])
 
 
+def _spatial_dot(a, b):
+    """sum over H, W of a * b for [N, C, H, W] tensors -> [N, C], as dot products (no temporary a * b)."""
+    N, C = a.shape[0], a.shape[1]
+    return torch.einsum('ncp,ncp->nc', a.reshape(N, C, -1), b.reshape(N, C, -1))
+
+
+class _Modulate(torch.autograd.Function):
+    """x * styles per input channel. The styles' gradient is a batched dot product rather than
+    autograd's full-size product tensor summed over H, W."""
+
+    @staticmethod
+    def forward(ctx, x, styles):  # pylint: disable=arguments-differ
+        s = styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s)
+        ctx.styles_dtype = styles.dtype
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad):  # pylint: disable=arguments-differ
+        x, s = ctx.saved_tensors
+        grad_x = grad * s if ctx.needs_input_grad[0] else None
+        grad_s = _spatial_dot(grad, x).to(ctx.styles_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s
+
+
+class _ScaleAddNoise(torch.autograd.Function):
+    """y * dcoefs (+ noise): the demodulation of the non-fused path, with fma's forward arithmetic;
+    the dcoefs' gradient is a batched dot product rather than a full-size product tensor."""
+
+    @staticmethod
+    def forward(ctx, y, dcoefs, noise):  # pylint: disable=arguments-differ
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, dcoefs)
+        ctx.noise_shape = None if noise is None else noise.shape
+        return y * dcoefs if noise is None else torch.addcmul(noise, y, dcoefs)
+
+    @staticmethod
+    def backward(ctx, grad):  # pylint: disable=arguments-differ
+        y, dcoefs = ctx.saved_tensors
+        grad_y = grad * dcoefs if ctx.needs_input_grad[0] else None
+        grad_d = _spatial_dot(grad, y).reshape(dcoefs.shape) if ctx.needs_input_grad[1] else None
+        grad_noise = grad.sum_to_size(ctx.noise_shape) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_d, grad_noise
+
+
+class _DemodCoefficients(torch.autograd.Function):
+    """dcoefs [N, O] = (sum over i, taps of ((W + B @ A) * s)^2 + 1e-8)^(-1/2) for a frozen W.
+
+    Forward with the base's arithmetic on the per-sample weights [N, O, I, kh, kw] (so with B == 0
+    the result is the base's bit for bit), keeping none of them for backward. Backward in weight
+    space: with Q[o, i] = sum over taps (W + B @ A)^2, dcoefs^-2 = s^2 @ Q^T + 1e-8, so the
+    gradients need only Q, matmuls over [N, I] x [I, O] and one pass over W + B @ A.
+    """
+
+    @staticmethod
+    def forward(ctx, styles, weight, A, B):  # pylint: disable=arguments-differ
+        N = styles.shape[0]
+        O, I, kh, kw = weight.shape
+        w = torch.baddbmm(weight.reshape(1, O, -1), B if B.ndim == 3 else B[None], A if A.ndim == 3 else A[None])
+        w = w.reshape(-1, O, I, kh, kw)  # [1 or N, O, I, kh, kw]
+        d = (w * styles.reshape(N, 1, -1, 1, 1)).square_().sum(dim=[2, 3, 4]).add_(1e-8).rsqrt_()
+        ctx.save_for_backward(styles, weight, A, B, d)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):  # pylint: disable=arguments-differ
+        styles, weight, A, B, d = ctx.saved_tensors
+        O, I = weight.shape[0], weight.shape[1]
+        w = torch.baddbmm(weight.reshape(1, O, -1), B if B.ndim == 3 else B[None], A if A.ndim == 3 else A[None])
+        w = w.reshape(w.shape[0], O, I, -1)  # [1 or N, O, I, kh*kw]
+        q = w.square().sum(-1)  # [1 or N, O, I]
+        grad_sq = grad * d.pow(3) * -0.5  # dL/d(sum of squares) [N, O]
+        grad_s = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_s = 2 * styles * torch.matmul(grad_sq.unsqueeze(1), q).squeeze(1)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # dL/dw[o, i, t] = 2 w[o, i, t] * sum_n grad_sq[n, o] s[n, i]^2 (per sample: no sum over n)
+            coef = grad_sq.unsqueeze(2) * styles.square().unsqueeze(1)  # [N, O, I]
+            coef = coef if B.ndim == 3 else coef.sum(0, keepdim=True)
+            grad_w = (w * (2 * coef).unsqueeze(-1)).reshape(coef.shape[0], O, -1)  # [1 or N, O, I*kh*kw]
+            At = (A if A.ndim == 3 else A[None]).transpose(1, 2)
+            Bt = (B if B.ndim == 3 else B[None]).transpose(1, 2)
+            if ctx.needs_input_grad[2]:
+                grad_A = torch.bmm(Bt, grad_w).reshape(A.shape)
+            if ctx.needs_input_grad[3]:
+                grad_B = torch.bmm(grad_w, At).reshape(B.shape)
+        return grad_s, None, grad_A, grad_B
+
+
+def _tap_factor(A, in_channels, kh, kw, dtype):
+    """A [.., R, I*kh*kw] -> [.., R*kh*kw, I]: row (r, dy, dx) mixes the input channels for kernel tap (dy, dx)."""
+    lead, R = A.shape[:-2], A.shape[-2]
+    taps = A.to(dtype).reshape(*lead, R, in_channels, kh * kw).transpose(-1, -2)
+    return taps.reshape(*lead, R * kh * kw, in_channels)
+
+
+def _thin_branch(x, A, kh, kw, f=None, up=1, down=1, padding=0, flip_weight=True):
+    """(taps, h): h = conv2d_resample(x, A.reshape(R, I, kh, kw)) as [N, R, H'*W'], taps = `_tap_factor(A)`.
+
+    A is [R, I*kh*kw] (shared) or [N, R, I*kh*kw] (sample i uses A[i]).
+
+    Computed as z = taps @ x ([N, R*kh*kw, H, W], a matmul over the I input channels), then
+    conv2d_resample(z, selector, groups=R), where group r adds up its kh*kw maps, map (dy, dx)
+    at kernel tap (dy, dx). The convolution is linear in its input, so this is the same
+    convolution for any padding, resampling and flip; but its only full-width operation is a
+    matmul, which CPUs run much faster than a convolution with R output channels. Layers with
+    few input channels (I <= R*kh*kw, where z would be wider than x) use the thin convolution.
+    """
+    N, I, H, W = x.shape
+    R = A.shape[-2]
+    taps = _tap_factor(A, I, kh, kw, x.dtype)
+    geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
+    if R * kh * kw >= I and A.ndim == 2:  # z would be wider than x: the plain thin convolution moves less data
+        h = conv2d_resample.conv2d_resample(x=x, w=A.to(x.dtype).reshape(R, I, kh, kw), **geometry)
+        return taps, h.reshape(N, R, -1)
+    z = torch.bmm(taps.expand(N, -1, -1), x.reshape(N, I, H * W)).reshape(N, R * kh * kw, H, W)
+    selector = torch.eye(kh * kw, dtype=x.dtype, device=x.device).reshape(1, kh * kw, kh, kw)
+    h = conv2d_resample.conv2d_resample(x=z, w=selector.expand(R, -1, -1, -1).contiguous(), groups=R, **geometry)
+    return taps, h.reshape(N, R, -1)
+
+
+def _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight):
+    """dL/dZ [N, R*kh*kw, H*W] for the stride-1 selector convolution: map (r, dy, dx) is dL/dh[r]
+    shifted by the tap (dy, dx) relative to `padding` (zero outside)."""
+    N, R = grad_h.shape[0], grad_h.shape[1]
+    g = torch.nn.functional.pad(grad_h, [kw - 1 - padding] * 2 + [kh - 1 - padding] * 2)
+    taps = torch.stack([g[:, :, kh - 1 - dy: kh - 1 - dy + H, kw - 1 - dx: kw - 1 - dx + W]
+                        for dy in range(kh) for dx in range(kw)], dim=2)
+    if not flip_weight:  # true convolution: map (dy, dx) sits at the mirrored tap
+        taps = taps.reshape(N, R, kh, kw, H, W).flip([2, 3])
+    return taps.reshape(N, R * kh * kw, H * W)
+
+
+class _StrideOneAdaptedConv(torch.autograd.Function):
+    """conv2d_resample(x, W + B @ A) without resampling (stride 1, `padding`), for a frozen W;
+    A [R, I*kh*kw] and B [O, R] shared by the batch, or [N, R, I*kh*kw] and [N, O, R] per sample.
+
+    Forward: the base convolution exactly as the base computes it, the thin branch h
+    (`_thin_branch`), then y += B @ h per pixel, in place. Backward: the input gradient of W alone
+    (no weight gradient), the thin branch's input gradient added into it in place, and the
+    factors' gradients as matmuls: no full-size temporaries beyond the base's own.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, weight, padding, flip_weight):  # pylint: disable=arguments-differ
+        N = x.shape[0]
+        O, _, kh, kw = weight.shape
+        y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), padding=padding,
+                                            flip_weight=flip_weight).contiguous()
+        taps, h = _thin_branch(x, A, kh, kw, padding=padding, flip_weight=flip_weight)
+        B = B.to(x.dtype)
+        y.view(N, O, -1).baddbmm_(B.expand(N, -1, -1), h)  # adds into y
+        ctx.save_for_backward(x, taps, B, weight, h)
+        ctx.conv = (padding, flip_weight, A.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # pylint: disable=arguments-differ
+        x, taps, B, weight, h = ctx.saved_tensors
+        padding, flip_weight, factor_dtype = ctx.conv
+        N, I, H, W = x.shape
+        O, _, kh, kw = weight.shape
+        R = B.shape[-1]
+        shared = (B.ndim == 2)  # per-sample factors keep their batch dim; shared ones sum over it
+        grad = grad.contiguous()
+        g3 = grad.reshape(N, O, -1)
+        grad_h = torch.bmm(B.expand(N, -1, -1).transpose(1, 2), g3)
+        grad_B = grad_A = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_B = torch.bmm(g3, h.transpose(1, 2))
+            grad_B = (grad_B.sum(0) if shared else grad_B).to(factor_dtype)
+        grad_h = grad_h.reshape(N, R, *grad.shape[2:])
+        w = weight.to(x.dtype)
+        w = w if flip_weight else w.flip([2, 3])
+        if shared and R * kh * kw >= I:  # narrow layer (see _thin_branch): gradients of the thin convolution
+            thin = taps.reshape(R, kh * kw, I).transpose(1, 2).reshape(R, I, kh, kw)
+            thin = thin if flip_weight else thin.flip([2, 3])
+            grad_x_thin, grad_thin, _ = torch.ops.aten.convolution_backward(
+                grad_h, x, thin, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            if ctx.needs_input_grad[1]:
+                grad_A = (grad_thin if flip_weight else grad_thin.flip([2, 3])).reshape(R, -1).to(factor_dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = _conv_input_grad(grad, x, w, padding).add_(grad_x_thin)
+            return grad_x, grad_A, grad_B, None, None, None
+        grad_z = _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight)
+        if ctx.needs_input_grad[1]:
+            grad_taps = torch.bmm(grad_z, x.reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
+            grad_taps = grad_taps.sum(0) if shared else grad_taps
+            grad_A = grad_taps.reshape(*grad_taps.shape[:-2], R, kh * kw, I).transpose(-1, -2)
+            grad_A = grad_A.reshape(*grad_taps.shape[:-2], R, -1).to(factor_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = _conv_input_grad(grad, x, w, padding).contiguous()
+            grad_x.view(N, I, -1).baddbmm_(taps.expand(N, -1, -1).transpose(1, 2), grad_z)  # adds into grad_x
+        return grad_x, grad_A, grad_B, None, None, None
+
+
+def _conv_input_grad(grad, x, w, padding):
+    """dL/dx of conv2d(x, w, padding) (stride 1, correlation), without the weight gradient."""
+    return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                                               [True, False, False])[0]
+
+
+def _adapted_conv(x, weight, A, B, f=None, up=1, down=1, padding=0, flip_weight=True):
+    """conv2d_resample(x, W + B @ A) for a frozen W; A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R].
+
+    W gets no weight gradient; the low-rank branch costs matmuls plus a convolution with R*k*k
+    input and R output channels. With B == 0 the result is the base's bit for bit.
+    """
+    if up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
+        return _StrideOneAdaptedConv.apply(x, A, B, weight, padding, flip_weight)
+    # Resampling: plain autograd (the base's input gradient and the branch's are summed by autograd).
+    geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
+    y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
+    N, O = y.shape[0], y.shape[1]
+    _, h = _thin_branch(x, A, weight.shape[2], weight.shape[3], **geometry)
+    out = torch.baddbmm(y.reshape(N, O, -1), B.to(x.dtype).expand(N, -1, -1), h)
+    return out.reshape(y.shape)
+
+
 def modulated_conv2d_lora(
     x,                      # [N, I, H, W] activations.
     weight,                 # [O, I, kh, kw] frozen base weight.
@@ -62,9 +280,10 @@ def modulated_conv2d_lora(
     """StyleGAN2 modulated convolution with weight W + B @ A, same arithmetic as `modulated_conv2d`.
 
     The delta enters the weight before modulation and demodulation. Fused: the per-sample weights
-    (W + delta) * s are built explicitly. Non-fused: conv(x*s, W) + conv1x1(conv(x*s, A), B), so the
-    frozen W gets no weight gradient; the demodulation coefficients come from ||(W + delta) * s||
-    in weight space, exactly as the base computes them. With delta == 0 every intermediate equals
+    (W + delta) * s are built explicitly. Non-fused (training): conv(x*s, W) + B @ conv(x*s, A) per
+    pixel (`_adapted_conv`; with dropout on the branch input: `_lowrank_conv`), so the frozen W
+    gets no weight gradient; the demodulation coefficients come from ||(W + delta) * s|| in weight
+    space, exactly as the base computes them. With delta == 0 every intermediate equals
     the base's bit for bit. In float16 the max-abs pre-normalisation factor is taken from the
     frozen W (demodulation cancels it, so the choice does not change the result mathematically).
     """
@@ -82,30 +301,34 @@ def modulated_conv2d_lora(
 
     w = None
     dcoefs = None
-    if demodulate or fused_modconv:
+    frozen = not weight.requires_grad  # the custom autograd functions give the base weight no gradient
+    if demodulate and not fused_modconv and frozen:
+        dcoefs = _DemodCoefficients.apply(styles, weight, A, B)
+    elif demodulate or fused_modconv:
         delta = torch.matmul(B, A)
         if per_sample:
             w = weight.unsqueeze(0) + delta.reshape(batch_size, out_channels, in_channels, kh, kw)
         else:
             w = (weight + delta.reshape(out_channels, in_channels, kh, kw)).unsqueeze(0)
         w = w * styles.reshape(batch_size, 1, -1, 1, 1)
-    if demodulate:
+    if demodulate and dcoefs is None:
         dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
     if demodulate and fused_modconv:
         w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
 
     if not fused_modconv:
-        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
-        y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), f=resample_filter,
-            up=up, down=down, padding=padding, flip_weight=flip_weight)
-        if A.shape[-2] > 0:
-            xa = dropout(x) if dropout is not None else x
-            y = y + _lowrank_conv(xa, A, B, kh, kw, f=resample_filter, up=up, down=down, padding=padding,
-                flip_weight=flip_weight)
-        if demodulate and noise is not None:
-            y = fma.fma(y, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1), noise.to(x.dtype))
-        elif demodulate:
-            y = y * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        x = _Modulate.apply(x, styles)
+        geometry = dict(f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
+        if A.shape[-2] > 0 and dropout is None and frozen:
+            y = _adapted_conv(x, weight, A, B, **geometry)
+        else:
+            y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
+            if A.shape[-2] > 0:
+                xa = dropout(x) if dropout is not None else x
+                y = y + _lowrank_conv(xa, A, B, kh, kw, **geometry)
+        if demodulate:
+            y = _ScaleAddNoise.apply(y, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1),
+                                     None if noise is None else noise.to(x.dtype))
         elif noise is not None:
             y = y.add_(noise.to(x.dtype))
         return y
@@ -308,15 +531,18 @@ class LoraConv2dLayer(AdapterLayer):
         b, b_sample = self._bias_and_delta(idx)
         b = b.to(x.dtype) if b is not None else None
         flip_weight = (base.up == 1)
-        y = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=base.resample_filter,
-            up=base.up, down=base.down, padding=base.padding, flip_weight=flip_weight)
-        if self.rank > 0:
+        geometry = dict(f=base.resample_filter, up=base.up, down=base.down, padding=base.padding,
+                        flip_weight=flip_weight)
+        drop = self._dropout_fn()
+        if self.rank > 0 and drop is None and not w.requires_grad:
             A, B = self.factors(idx, base.weight_gain)
-            drop = self._dropout_fn()
-            xa = drop(x) if drop is not None else x
-            k = self.kernel_size
-            y = y + _lowrank_conv(xa, A, B, k, k, f=base.resample_filter, up=base.up, down=base.down,
-                padding=base.padding, flip_weight=flip_weight)
+            y = _adapted_conv(x, w, A, B, **geometry)
+        else:
+            y = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), **geometry)
+            if self.rank > 0:
+                A, B = self.factors(idx, base.weight_gain)
+                xa = drop(x) if drop is not None else x
+                y = y + _lowrank_conv(xa, A, B, self.kernel_size, self.kernel_size, **geometry)
         if b_sample is not None:
             y = y + b_sample.to(y.dtype).reshape(y.shape[0], -1, 1, 1)
         act_gain = base.act_gain * gain

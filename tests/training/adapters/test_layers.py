@@ -267,3 +267,113 @@ def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(f
     got = modulated_conv2d_lora(x, weight, styles, A, B, noise=noise, padding=1, demodulate=demodulate,
                                 fused_modconv=fused)
     assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
+def _to_float64(module: torch.nn.Module) -> None:
+    """Parameters to float64 in place; buffers (resampling filters must stay float32) keep their dtype."""
+    for p in module.parameters():
+        p.data = p.data.double()
+
+
+@pytest.mark.parametrize('fused', [False, True])
+@pytest.mark.parametrize('selection', ['int', 'per-sample'])
+@pytest.mark.parametrize('factorization', ['my3dgen', 'standard'])
+def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization):
+    """The cheap training path (no base weight gradients, low-rank branch as matmuls) gives the
+    gradients of the merged weight W + B @ A: for the factors of the layer and its style affine,
+    and for the input; with per-sample adapters, sample i through the weights of adapter idx[i]."""
+    H = injected(AdapterConfig(r=2, conv_factorization=factorization, targets=('synthesis',)), K=2)
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    _to_float64(H)
+    H.train()
+    idx = [1, 1, 1] if selection == 'int' else [1, 0, 1]
+    adapters.select(H, 1 if selection == 'int' else torch.tensor(idx))
+    plain = make_layers()
+    _to_float64(plain)
+    for name in FAMILIES:
+        layer = H.synthesis[name]
+        args, kwargs = layer_inputs(name, layer)
+        args = tuple(a.double() for a in args)
+        if name.startswith('syn') or name == 'torgb':
+            kwargs['fused_modconv'] = fused
+        x = args[0].requires_grad_(True)
+        wrappers = [layer] + ([layer.base_layer.affine] if hasattr(layer.base_layer, 'affine') else [])
+        factors = [p for m in wrappers for p in (m.lora_A, m.lora_B)]
+        out = layer(*args, **kwargs)
+        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        got = torch.autograd.grad((out * probe).sum(), [x] + factors)
+
+        want_out = []
+        for i, k in enumerate(idx):
+            merged = {'weight': layer.base_layer.weight + layer.delta_weight(k)}
+            if len(wrappers) == 2:
+                aff = wrappers[1]
+                merged['affine.weight'] = aff.base_layer.weight + aff.delta_weight(k)
+            sample_args = tuple(a[i:i + 1] for a in args)
+            want_out.append(torch.func.functional_call(plain[name], merged, sample_args, kwargs))
+        want_out = torch.cat(want_out)
+        want = torch.autograd.grad((want_out * probe).sum(), [x] + factors)
+        torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9, msg=name)
+        for label, g, w in zip(['x', 'A', 'B', 'affine A', 'affine B'], got, want):
+            assert g.abs().sum() > 0, f'{name}: zero gradient for {label}'
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f'{name}: gradient of {label}')
+
+
+@pytest.mark.parametrize('name', ['conv', 'conv_up', 'syn', 'syn_up', 'torgb'])
+def test_unfrozen_base_weight_still_gets_its_gradient(name):
+    """The cheap path assumes a frozen base; if a user unfreezes a base weight, its gradient is the merged weight's."""
+    H = injected(AdapterConfig(r=2, targets=('synthesis',)))
+    from adapter_testlib import randomize_adapters
+    randomize_adapters(H, std=0.3)
+    H.train()
+    layer = H.synthesis[name]
+    weight = layer.base_layer.weight.requires_grad_(True)
+    args, kwargs = layer_inputs(name, layer)
+    if name != 'conv' and name != 'conv_up':
+        kwargs['fused_modconv'] = False
+    got = torch.autograd.grad(layer(*args, **kwargs).square().sum(), weight)[0]
+    merged = {'weight': (weight + layer.delta_weight(0)).detach().requires_grad_(True)}
+    if hasattr(layer.base_layer, 'affine'):
+        aff = layer.base_layer.affine
+        merged['affine.weight'] = (aff.base_layer.weight + aff.delta_weight(0)).detach()
+    out = torch.func.functional_call(make_layers()[name], merged, args, kwargs)
+    want = torch.autograd.grad(out.square().sum(), merged['weight'])[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('geometry', [dict(up=1, flip_weight=True), dict(up=1, flip_weight=False),
+                                      dict(up=2, flip_weight=False), dict(down=2, flip_weight=True)],
+                         ids=['stride1', 'stride1-flipped', 'up2', 'down2'])
+@pytest.mark.parametrize('per_sample', [False, True])
+@pytest.mark.parametrize('in_channels', [8, 32])
+def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels):
+    """Wide layers (more than R*k*k = 27 input channels) take the tap-matmul thin branch, narrow ones
+    the thin convolution; either way the values and gradients are those of the official modulated
+    convolution with the merged weight."""
+    from torch_utils.ops import upfirdn2d
+    from training.adapters.layers import modulated_conv2d_lora
+    from training.networks_stylegan2 import modulated_conv2d
+    gen = torch.Generator().manual_seed(0)
+    N, I, O, k, R = 2, in_channels, 6, 3, 3
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, styles, noise_res = rand(N, I, 8, 8).requires_grad_(True), rand(N, I).requires_grad_(True), 8
+    noise_res = noise_res * geometry.get('up', 1) // geometry.get('down', 1)
+    weight, noise = rand(O, I, k, k), rand(N, 1, noise_res, noise_res)
+    lead = [N] if per_sample else []
+    A, B = rand(*lead, R, I * k * k).requires_grad_(True), rand(*lead, O, R).requires_grad_(True)
+    kwargs = dict(noise=noise, padding=1, resample_filter=upfirdn2d.setup_filter([1, 3, 3, 1]), fused_modconv=False,
+                  **geometry)
+    got = modulated_conv2d_lora(x, weight, styles, A, B, **kwargs)
+    merged = weight + torch.matmul(B, A).reshape(*lead, O, I, k, k)
+    if per_sample:
+        want = torch.cat([modulated_conv2d(x[i:i + 1], merged[i], styles[i:i + 1], **dict(kwargs, noise=noise[i:i + 1]))
+                          for i in range(N)])
+    else:
+        want = modulated_conv2d(x, merged, styles, **kwargs)
+    probe = rand(*got.shape)
+    grads = torch.autograd.grad((got * probe).sum(), [x, styles, A, B])
+    wants = torch.autograd.grad((want * probe).sum(), [x, styles, A, B])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for label, g, w in zip(['x', 'styles', 'A', 'B'], grads, wants):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=label)
