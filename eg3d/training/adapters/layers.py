@@ -163,6 +163,8 @@ def _thin_branch(x, A, kh, kw, f=None, up=1, down=1, padding=0, flip_weight=True
         h = conv2d_resample.conv2d_resample(x=x, w=A.to(x.dtype).reshape(R, I, kh, kw), **geometry)
         return taps, h.reshape(N, R, -1)
     z = torch.bmm(taps.expand(N, -1, -1), x.reshape(N, I, H * W)).reshape(N, R * kh * kw, H, W)
+    if kh * kw == 1 and up == 1 and down == 1 and padding == 0:  # the selector would be an identity convolution
+        return taps, z.reshape(N, R, -1)
     selector = torch.eye(kh * kw, dtype=x.dtype, device=x.device).reshape(1, kh * kw, kh, kw)
     h = conv2d_resample.conv2d_resample(x=z, w=selector.expand(R, -1, -1, -1).contiguous(), groups=R, **geometry)
     return taps, h.reshape(N, R, -1)
@@ -172,6 +174,8 @@ def _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight):
     """dL/dZ [N, R*kh*kw, H*W] for the stride-1 selector convolution: map (r, dy, dx) is dL/dh[r]
     shifted by the tap (dy, dx) relative to `padding` (zero outside)."""
     N, R = grad_h.shape[0], grad_h.shape[1]
+    if kh * kw == 1 and padding == 0:  # one tap, no shift
+        return grad_h.reshape(N, R, H * W)
     g = torch.nn.functional.pad(grad_h, [kw - 1 - padding] * 2 + [kh - 1 - padding] * 2)
     taps = torch.stack([g[:, :, kh - 1 - dy: kh - 1 - dy + H, kw - 1 - dx: kw - 1 - dx + W]
                         for dy in range(kh) for dx in range(kw)], dim=2)
@@ -250,19 +254,38 @@ def _conv_input_grad(grad, x, w, padding):
                                                [True, False, False])[0]
 
 
+# Relative cost of the low-rank branch's operations: they make about three passes (forward, input
+# and factor gradients) and run on CPU at roughly a fifth of the FLOP rate of a full convolution
+# (docs/benchmarks.md), so 3 * 5.
+BRANCH_COST_FACTOR = 15.0
+
+
+def merged_weight_is_cheaper(in_channels: int, out_channels: int, rank_rows: int, taps: int) -> bool:
+    """Whether training through the merged weight W + B @ A (one weight-gradient convolution,
+    O*I*taps multiply-adds per pixel) costs less than the low-rank branch (R*(taps*I + O) per pixel
+    and pass). True for narrow layers: the 8- to 32-channel layers of small configs and, at FFHQ 512,
+    only the 3-channel superresolution torgb layers."""
+    return BRANCH_COST_FACTOR * rank_rows * (taps * in_channels + out_channels) > out_channels * in_channels * taps
+
+
 def _adapted_conv(x, weight, A, B, f=None, up=1, down=1, padding=0, flip_weight=True):
     """conv2d_resample(x, W + B @ A) for a frozen W; A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R].
 
-    W gets no weight gradient; the low-rank branch costs matmuls plus a convolution with R*k*k
-    input and R output channels. With B == 0 the result is the base's bit for bit.
+    W gets no weight gradient: the low-rank branch costs matmuls plus a convolution with R*k*k input
+    and R output channels, or, for narrow layers with shared factors, the merged weight's gradient
+    (`merged_weight_is_cheaper`). With B == 0 the result is the base's bit for bit.
     """
+    O, I, kh, kw = weight.shape
+    geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
+    if A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw):
+        merged = weight + torch.matmul(B, A).reshape(weight.shape)
+        return conv2d_resample.conv2d_resample(x=x, w=merged.to(x.dtype), **geometry)
     if up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
         return _StrideOneAdaptedConv.apply(x, A, B, weight, padding, flip_weight)
     # Resampling: plain autograd (the base's input gradient and the branch's are summed by autograd).
-    geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
-    N, O = y.shape[0], y.shape[1]
-    _, h = _thin_branch(x, A, weight.shape[2], weight.shape[3], **geometry)
+    N = y.shape[0]
+    _, h = _thin_branch(x, A, kh, kw, **geometry)
     out = torch.baddbmm(y.reshape(N, O, -1), B.to(x.dtype).expand(N, -1, -1), h)
     return out.reshape(y.shape)
 

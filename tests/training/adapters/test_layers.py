@@ -123,7 +123,7 @@ def test_my3dgen_extras_shapes():
 ], ids=['lora', 'standard-extras', 'adalora-extras'])
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
-def test_identity_at_init_is_bit_exact(cfg, fused, selection):
+def test_identity_at_init_is_bit_exact(cfg, fused, selection, conv_path):
     base = make_layers()
     expected = {name: run_layer(name, base[name], fused) for name in FAMILIES}
     H = injected(cfg, K=3)
@@ -191,7 +191,7 @@ def test_dense_layer_per_sample_rows():
 
 @pytest.mark.parametrize('extras', ['none', 'my3dgen'])
 @pytest.mark.parametrize('fused', [True, False])
-def test_gradients_reach_only_adapter_tensors(extras, fused):
+def test_gradients_reach_only_adapter_tensors(extras, fused, conv_path):
     H = injected(AdapterConfig(r=1, extras=extras, targets=('synthesis',)))
     H.train()
     loss = sum(run_layer(name, H.synthesis[name], fused).square().sum() for name in FAMILIES)
@@ -278,7 +278,7 @@ def _to_float64(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize('fused', [False, True])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
 @pytest.mark.parametrize('factorization', ['my3dgen', 'standard'])
-def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization):
+def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization, conv_path):
     """The cheap training path (no base weight gradients, low-rank branch as matmuls) gives the
     gradients of the merged weight W + B @ A: for the factors of the layer and its style affine,
     and for the input; with per-sample adapters, sample i through the weights of adapter idx[i]."""
@@ -321,7 +321,7 @@ def test_training_gradients_equal_merged_weight_gradients(fused, selection, fact
 
 
 @pytest.mark.parametrize('name', ['conv', 'conv_up', 'syn', 'syn_up', 'torgb'])
-def test_unfrozen_base_weight_still_gets_its_gradient(name):
+def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path):
     """The cheap path assumes a frozen base; if a user unfreezes a base weight, its gradient is the merged weight's."""
     H = injected(AdapterConfig(r=2, targets=('synthesis',)))
     from adapter_testlib import randomize_adapters
@@ -347,7 +347,7 @@ def test_unfrozen_base_weight_still_gets_its_gradient(name):
                          ids=['stride1', 'stride1-flipped', 'up2', 'down2'])
 @pytest.mark.parametrize('per_sample', [False, True])
 @pytest.mark.parametrize('in_channels', [8, 32])
-def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels):
+def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path):
     """Wide layers (more than R*k*k = 27 input channels) take the tap-matmul thin branch, narrow ones
     the thin convolution; either way the values and gradients are those of the official modulated
     convolution with the merged weight."""
@@ -377,3 +377,18 @@ def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sa
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     for label, g, w in zip(['x', 'styles', 'A', 'B'], grads, wants):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=label)
+
+
+def test_merged_weight_only_for_narrow_layers():
+    """The path choice at the FFHQ 512 shapes: every synthesis and superresolution convolution keeps
+    the low-rank branch, only the 3-channel superresolution torgb layers train through the merged
+    weight; the 8- to 32-channel layers of small configs take the merged weight."""
+    from training.adapters.layers import merged_weight_is_cheaper
+    for in_ch, out_ch in [(512, 512), (512, 256), (256, 128), (128, 128), (32, 256), (256, 256)]:
+        assert not merged_weight_is_cheaper(in_ch, out_ch, rank_rows=3, taps=9), (in_ch, out_ch)
+    for in_ch in [512, 256, 128]:
+        assert not merged_weight_is_cheaper(in_ch, 96, rank_rows=1, taps=1)
+    for in_ch in [256, 128]:
+        assert merged_weight_is_cheaper(in_ch, 3, rank_rows=1, taps=1)
+    for ch in [8, 16, 32]:
+        assert merged_weight_is_cheaper(ch, ch, rank_rows=3, taps=9)
