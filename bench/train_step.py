@@ -14,9 +14,11 @@ are random (no download needed).
 Memory: CUDA peak allocated memory, or on CPU the rise of the process's peak RSS over its RSS
 just before the first step (optimizer state, activations and gradients; the generator itself excluded).
 The CPU figure depends on the allocator (glibc returns large blocks to the system and takes them
-back, so it moves by tens of MiB between runs); as a deterministic companion the table also gives
-the bytes autograd keeps for the backward pass of one step (unique storages of the saved
-tensors, parameters excluded), measured on an extra step after the timed ones.
+back, so it moves by tens of MiB between runs); as deterministic companions the table also gives
+the peak tensor memory of one step (the most bytes of tensors created during the step alive at once,
+tracked per aten op, plus the optimizer state) and the bytes autograd keeps for its backward pass
+(unique storages of the saved tensors, parameters excluded), both measured on an extra step with
+density regularisation after the timed ones.
 Prints a markdown table.
 """
 
