@@ -28,24 +28,14 @@ from torch_utils.ops import conv2d_resample
 
 #----------------------------------------------------------------------------
 
-def _lowrank_conv(x, A, B, kh, kw, f=None, up=1, down=1, padding=0, flip_weight=True):
-    """conv2d_resample(x, (B @ A).reshape(O, I, kh, kw)) computed as a rank-R conv then a 1x1 conv by B.
+def _batched(t):
+    """A factor as [1 or N, rows, cols]: shared factors get a batch dim of one."""
+    return t if t.ndim == 3 else t[None]
 
-    The resampling filter acts per channel, so it commutes with the 1x1 channel mix. A is
-    [R, I*kh*kw], B [O, R] (shared), or [N, R, I*kh*kw], [N, O, R] (sample i uses A[i], B[i]:
-    grouped convolutions with one group per sample).
-    """
-    N, I = x.shape[0], x.shape[1]
-    if A.ndim == 2:
-        R, O = A.shape[0], B.shape[0]
-        h = conv2d_resample.conv2d_resample(x=x, w=A.reshape(R, I, kh, kw).to(x.dtype), f=f,
-            up=up, down=down, padding=padding, flip_weight=flip_weight)
-        return conv2d_resample.conv2d_resample(x=h, w=B.reshape(O, R, 1, 1).to(x.dtype))
-    R, O = A.shape[1], B.shape[1]
-    h = conv2d_resample.conv2d_resample(x=x.reshape(1, N * I, *x.shape[2:]), w=A.reshape(N * R, I, kh, kw).to(x.dtype),
-        f=f, up=up, down=down, padding=padding, groups=N, flip_weight=flip_weight)
-    y = conv2d_resample.conv2d_resample(x=h, w=B.reshape(N * O, R, 1, 1).to(x.dtype), groups=N)
-    return y.reshape(N, O, *y.shape[2:])
+
+def _merged_weight(weight, A, B):
+    """W + B @ A as [1 or N, O, I*kh*kw] (one merged weight, or one per sample for per-sample factors)."""
+    return torch.baddbmm(weight.reshape(1, weight.shape[0], -1), _batched(B), _batched(A))
 
 
 def _spatial_dot(a, b):
@@ -105,8 +95,7 @@ class _DemodCoefficients(torch.autograd.Function):
     def forward(ctx, styles, weight, A, B):  # pylint: disable=arguments-differ
         N = styles.shape[0]
         O, I, kh, kw = weight.shape
-        w = torch.baddbmm(weight.reshape(1, O, -1), B if B.ndim == 3 else B[None], A if A.ndim == 3 else A[None])
-        w = w.reshape(-1, O, I, kh, kw)  # [1 or N, O, I, kh, kw]
+        w = _merged_weight(weight, A, B).reshape(-1, O, I, kh, kw)  # [1 or N, O, I, kh, kw]
         d = (w * styles.reshape(N, 1, -1, 1, 1)).square_().sum(dim=[2, 3, 4]).add_(1e-8).rsqrt_()
         ctx.save_for_backward(styles, weight, A, B, d)
         return d
@@ -115,8 +104,7 @@ class _DemodCoefficients(torch.autograd.Function):
     def backward(ctx, grad):  # pylint: disable=arguments-differ
         styles, weight, A, B, d = ctx.saved_tensors
         O, I = weight.shape[0], weight.shape[1]
-        w = torch.baddbmm(weight.reshape(1, O, -1), B if B.ndim == 3 else B[None], A if A.ndim == 3 else A[None])
-        w = w.reshape(w.shape[0], O, I, -1)  # [1 or N, O, I, kh*kw]
+        w = _merged_weight(weight, A, B).reshape(-1, O, I, weight.shape[2] * weight.shape[3])  # [1 or N, O, I, taps]
         q = w.square().sum(-1)  # [1 or N, O, I]
         grad_sq = grad * d.pow(3) * -0.5  # dL/d(sum of squares) [N, O]
         grad_s = grad_A = grad_B = None
@@ -127,12 +115,10 @@ class _DemodCoefficients(torch.autograd.Function):
             coef = grad_sq.unsqueeze(2) * styles.square().unsqueeze(1)  # [N, O, I]
             coef = coef if B.ndim == 3 else coef.sum(0, keepdim=True)
             grad_w = (w * (2 * coef).unsqueeze(-1)).reshape(coef.shape[0], O, -1)  # [1 or N, O, I*kh*kw]
-            At = (A if A.ndim == 3 else A[None]).transpose(1, 2)
-            Bt = (B if B.ndim == 3 else B[None]).transpose(1, 2)
             if ctx.needs_input_grad[2]:
-                grad_A = torch.bmm(Bt, grad_w).reshape(A.shape)
+                grad_A = torch.bmm(_batched(B).transpose(1, 2), grad_w).reshape(A.shape)
             if ctx.needs_input_grad[3]:
-                grad_B = torch.bmm(grad_w, At).reshape(B.shape)
+                grad_B = torch.bmm(grad_w, _batched(A).transpose(1, 2)).reshape(B.shape)
         return grad_s, None, grad_A, grad_B
 
 
@@ -268,24 +254,29 @@ def merged_weight_is_cheaper(in_channels: int, out_channels: int, rank_rows: int
     return BRANCH_COST_FACTOR * rank_rows * (taps * in_channels + out_channels) > out_channels * in_channels * taps
 
 
-def _adapted_conv(x, weight, A, B, f=None, up=1, down=1, padding=0, flip_weight=True):
-    """conv2d_resample(x, W + B @ A) for a frozen W; A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R].
+def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0, flip_weight=True):
+    """conv2d_resample(x, W + B @ A); A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R]; `dropout`
+    (or None) acts on the low-rank branch's input only.
 
-    W gets no weight gradient: the low-rank branch costs matmuls plus a convolution with R*k*k input
-    and R output channels, or, for narrow layers with shared factors, the merged weight's gradient
+    For a frozen W and no dropout, W gets no weight gradient: the low-rank branch costs matmuls
+    plus a convolution with R*k*k input and R output channels (a custom autograd function for
+    stride 1), or, for narrow layers with shared factors, the merged weight's gradient
     (`merged_weight_is_cheaper`). With B == 0 the result is the base's bit for bit.
     """
     O, I, kh, kw = weight.shape
     geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
-    if A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw):
-        merged = weight + torch.matmul(B, A).reshape(weight.shape)
-        return conv2d_resample.conv2d_resample(x=x, w=merged.to(x.dtype), **geometry)
-    if up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
-        return _StrideOneAdaptedConv.apply(x, A, B, weight, padding, flip_weight)
-    # Resampling: plain autograd (the base's input gradient and the branch's are summed by autograd).
+    if A.shape[-2] == 0:  # fully pruned AdaLoRA layer: the base alone
+        return conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
+    if dropout is None and not weight.requires_grad:
+        if A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw):
+            return conv2d_resample.conv2d_resample(x=x, w=_merged_weight(weight, A, B).reshape(weight.shape).to(x.dtype),
+                                                   **geometry)
+        if up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
+            return _StrideOneAdaptedConv.apply(x, A, B, weight, padding, flip_weight)
+    # Resampling, dropout or an unfrozen base: plain autograd over the base and the branch.
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
     N = y.shape[0]
-    _, h = _thin_branch(x, A, kh, kw, **geometry)
+    _, h = _thin_branch(dropout(x) if dropout is not None else x, A, kh, kw, **geometry)
     out = torch.baddbmm(y.reshape(N, O, -1), B.to(x.dtype).expand(N, -1, -1), h)
     return out.reshape(y.shape)
 
@@ -304,11 +295,11 @@ def modulated_conv2d_lora(
 
     The delta enters the weight before modulation and demodulation. Fused: the per-sample weights
     (W + delta) * s are built explicitly. Non-fused (training): conv(x*s, W) + B @ conv(x*s, A) per
-    pixel (`_adapted_conv`; with dropout on the branch input: `_lowrank_conv`), so the frozen W
-    gets no weight gradient; the demodulation coefficients come from ||(W + delta) * s|| in weight
-    space, exactly as the base computes them. With delta == 0 every intermediate equals
-    the base's bit for bit. In float16 the max-abs pre-normalisation factor is taken from the
-    frozen W (demodulation cancels it, so the choice does not change the result mathematically).
+    pixel (`_adapted_conv`), so the frozen W gets no weight gradient; the demodulation coefficients
+    come from ||(W + delta) * s|| in weight space, exactly as the base computes them. With delta == 0
+    every intermediate equals the base's bit for bit. In float16 the max-abs pre-normalisation
+    factor is taken from the frozen W (demodulation cancels it, so the choice does not change the
+    result mathematically).
     """
     batch_size = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
@@ -324,8 +315,7 @@ def modulated_conv2d_lora(
 
     w = None
     dcoefs = None
-    frozen = not weight.requires_grad  # the custom autograd functions give the base weight no gradient
-    if demodulate and not fused_modconv and frozen:
+    if demodulate and not fused_modconv and not weight.requires_grad:  # weight space, no base weight gradient
         dcoefs = _DemodCoefficients.apply(styles, weight, A, B)
     elif demodulate or fused_modconv:
         delta = torch.matmul(B, A)
@@ -341,14 +331,8 @@ def modulated_conv2d_lora(
 
     if not fused_modconv:
         x = _Modulate.apply(x, styles)
-        geometry = dict(f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
-        if A.shape[-2] > 0 and dropout is None and frozen:
-            y = _adapted_conv(x, weight, A, B, **geometry)
-        else:
-            y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
-            if A.shape[-2] > 0:
-                xa = dropout(x) if dropout is not None else x
-                y = y + _lowrank_conv(xa, A, B, kh, kw, **geometry)
+        y = _adapted_conv(x, weight, A, B, dropout=dropout, f=resample_filter, up=up, down=down, padding=padding,
+                          flip_weight=flip_weight)
         if demodulate:
             y = _ScaleAddNoise.apply(y, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1),
                                      None if noise is None else noise.to(x.dtype))
@@ -554,18 +538,9 @@ class LoraConv2dLayer(AdapterLayer):
         b, b_sample = self._bias_and_delta(idx)
         b = b.to(x.dtype) if b is not None else None
         flip_weight = (base.up == 1)
-        geometry = dict(f=base.resample_filter, up=base.up, down=base.down, padding=base.padding,
-                        flip_weight=flip_weight)
-        drop = self._dropout_fn()
-        if self.rank > 0 and drop is None and not w.requires_grad:
-            A, B = self.factors(idx, base.weight_gain)
-            y = _adapted_conv(x, w, A, B, **geometry)
-        else:
-            y = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), **geometry)
-            if self.rank > 0:
-                A, B = self.factors(idx, base.weight_gain)
-                xa = drop(x) if drop is not None else x
-                y = y + _lowrank_conv(xa, A, B, self.kernel_size, self.kernel_size, **geometry)
+        A, B = self.factors(idx, base.weight_gain)
+        y = _adapted_conv(x, w, A, B, dropout=self._dropout_fn(), f=base.resample_filter, up=base.up, down=base.down,
+                          padding=base.padding, flip_weight=flip_weight)
         if b_sample is not None:
             y = y + b_sample.to(y.dtype).reshape(y.shape[0], -1, 1, 1)
         act_gain = base.act_gain * gain
