@@ -63,23 +63,58 @@ class _Modulate(torch.autograd.Function):
         return grad_x, grad_s
 
 
-class _ScaleAddNoise(torch.autograd.Function):
-    """y * dcoefs (+ noise): the demodulation of the non-fused path, with fma's forward arithmetic;
-    the dcoefs' gradient is a batched dot product rather than a full-size product tensor."""
+class _DemodulateBiasAct(torch.autograd.Function):
+    """clamp(gain * act(y * dcoefs + noise + bias)) for act 'linear' (alpha None) or 'lrelu' (slope
+    alpha); dcoefs, noise and bias may each be None, gain > 0.
+
+    The forward arithmetic of the base's `fma` + reference `bias_act`, op for op, but every step
+    after the first runs in place on one tensor (on CPU each fresh full-size tensor costs more in
+    page faults than the arithmetic), and backward allocates one tensor: the activation's
+    derivative comes from the output's sign, the gradients of dcoefs, noise and bias are
+    reductions. Without dcoefs, y itself is updated in place.
+    """
 
     @staticmethod
-    def forward(ctx, y, dcoefs, noise):  # pylint: disable=arguments-differ
-        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, dcoefs)
-        ctx.noise_shape = None if noise is None else noise.shape
-        return y * dcoefs if noise is None else torch.addcmul(noise, y, dcoefs)
+    def forward(ctx, y, dcoefs, noise, bias, alpha, gain, clamp):  # pylint: disable=arguments-differ
+        if dcoefs is not None:
+            out = y * dcoefs if noise is None else torch.addcmul(noise, y, dcoefs)
+        else:
+            out = y if noise is None else y.add_(noise)
+            ctx.mark_dirty(y)
+        if bias is not None:
+            out.add_(bias)
+        if alpha is not None:
+            torch.nn.functional.leaky_relu_(out, alpha)
+        if gain != 1:
+            out.mul_(gain)
+        keep = None
+        if clamp is not None:
+            keep = out.abs() <= clamp  # where clamp passes the gradient (its bounds included)
+            out.clamp_(-clamp, clamp)
+        needs_y = dcoefs is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(y if needs_y else None, dcoefs, out if alpha is not None else None, keep)
+        ctx.shapes = (None if noise is None else noise.shape, None if bias is None else bias.shape)
+        ctx.act = (alpha, gain)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # pylint: disable=arguments-differ
-        y, dcoefs = ctx.saved_tensors
-        grad_y = grad * dcoefs if ctx.needs_input_grad[0] else None
-        grad_d = _spatial_dot(grad, y).reshape(dcoefs.shape) if ctx.needs_input_grad[1] else None
-        grad_noise = grad.sum_to_size(ctx.noise_shape) if ctx.needs_input_grad[2] else None
-        return grad_y, grad_d, grad_noise
+        y, dcoefs, out, keep = ctx.saved_tensors
+        alpha, gain = ctx.act
+        noise_shape, bias_shape = ctx.shapes
+        g, owned = grad, False  # owned: g is a tensor of ours, free to update in place
+        if alpha is not None:  # lrelu'(v) from the output: gain > 0 and clamp keep v's sign
+            g, owned = torch.ops.aten.leaky_relu_backward(g, out, alpha, True), True
+        if gain != 1:
+            g, owned = (g.mul_(gain) if owned else g * gain), True
+        if keep is not None:
+            g, owned = (g.mul_(keep) if owned else g * keep), True
+        grad_noise = g.sum_to_size(noise_shape) if ctx.needs_input_grad[2] else None
+        grad_bias = g.sum_to_size(bias_shape) if ctx.needs_input_grad[3] else None
+        grad_d = _spatial_dot(g, y).reshape(dcoefs.shape) if ctx.needs_input_grad[1] else None
+        if dcoefs is not None and ctx.needs_input_grad[0]:
+            g = g.mul_(dcoefs) if owned else g * dcoefs
+        return g if ctx.needs_input_grad[0] else None, grad_d, grad_noise, grad_bias, None, None, None
 
 
 class _DemodCoefficients(torch.autograd.Function):
@@ -277,7 +312,8 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
     N = y.shape[0]
     _, h = _thin_branch(dropout(x) if dropout is not None else x, A, kh, kw, **geometry)
-    out = torch.baddbmm(y.reshape(N, O, -1), B.to(x.dtype).expand(N, -1, -1), h)
+    out = y.reshape(N, O, -1)
+    out.baddbmm_(B.to(x.dtype).expand(N, -1, -1), h)  # in place: no second full-size tensor
     return out.reshape(y.shape)
 
 
@@ -290,8 +326,11 @@ def modulated_conv2d_lora(
     noise=None, up=1, down=1, padding=0, resample_filter=None, demodulate=True, flip_weight=True,
     fused_modconv=True,
     dropout=None,           # Callable applied to the adapter branch input (non-fused only), or None.
+    bias=None,              # [O] or per-sample [N, O]: `bias_act` of the output, as the layers apply it.
+    activation='linear', act_gain=1.0, act_clamp=None,
 ):
-    """StyleGAN2 modulated convolution with weight W + B @ A, same arithmetic as `modulated_conv2d`.
+    """StyleGAN2 modulated convolution with weight W + B @ A, then bias_act(y, bias, activation,
+    act_gain, act_clamp): the arithmetic of `modulated_conv2d` followed by `bias_act`.
 
     The delta enters the weight before modulation and demodulation. Fused: the per-sample weights
     (W + delta) * s are built explicitly. Non-fused (training): conv(x*s, W) + B @ conv(x*s, A) per
@@ -299,7 +338,8 @@ def modulated_conv2d_lora(
     come from ||(W + delta) * s|| in weight space, exactly as the base computes them. With delta == 0
     every intermediate equals the base's bit for bit. In float16 the max-abs pre-normalisation
     factor is taken from the frozen W (demodulation cancels it, so the choice does not change the
-    result mathematically).
+    result mathematically). Off CUDA, the non-fused path applies demodulation, noise, bias and a
+    linear or lrelu activation in place (`_DemodulateBiasAct`); on CUDA, `bias_act`'s kernel does.
     """
     batch_size = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
@@ -333,12 +373,15 @@ def modulated_conv2d_lora(
         x = _Modulate.apply(x, styles)
         y = _adapted_conv(x, weight, A, B, dropout=dropout, f=resample_filter, up=up, down=down, padding=padding,
                           flip_weight=flip_weight)
-        if demodulate:
-            y = _ScaleAddNoise.apply(y, dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1),
-                                     None if noise is None else noise.to(x.dtype))
-        elif noise is not None:
-            y = y.add_(noise.to(x.dtype))
-        return y
+        dcoefs = dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1) if demodulate else None
+        noise = None if noise is None else noise.to(x.dtype)
+        if x.device.type != 'cuda' and activation in ('linear', 'lrelu') and act_gain > 0:
+            alpha = bias_act.activation_funcs['lrelu'].def_alpha if activation == 'lrelu' else None
+            bias = None if bias is None else bias.to(x.dtype).reshape(-1 if bias.ndim == 2 else 1, out_channels, 1, 1)
+            return _DemodulateBiasAct.apply(y, dcoefs, noise, bias, alpha, act_gain, act_clamp)
+        if dcoefs is not None or noise is not None:
+            y = _DemodulateBiasAct.apply(y, dcoefs, noise, None, None, 1, None)
+        return _bias_act(y, bias, activation, act_gain, act_clamp)
 
     with misc.suppress_tracer_warnings():
         batch_size = int(batch_size)
@@ -349,7 +392,17 @@ def modulated_conv2d_lora(
     x = x.reshape(batch_size, -1, *x.shape[2:])
     if noise is not None:
         x = x.add_(noise)
-    return x
+    return _bias_act(x, bias, activation, act_gain, act_clamp)
+
+
+def _bias_act(x, bias, activation, gain, clamp):
+    """bias_act.bias_act for a bias [O] or per-sample [N, O] (added first; x + (b + 0) == x + b)."""
+    if bias is not None and bias.ndim == 2:
+        x = x + bias.to(x.dtype).reshape(*bias.shape, 1, 1)
+        bias = None
+    if bias is None and activation == 'linear' and gain == 1 and clamp is None:
+        return x
+    return bias_act.bias_act(x, None if bias is None else bias.to(x.dtype), act=activation, gain=gain, clamp=clamp)
 
 #----------------------------------------------------------------------------
 
@@ -553,17 +606,20 @@ class LoraConv2dLayer(AdapterLayer):
 #----------------------------------------------------------------------------
 
 def _modulated_layer_conv(layer, x, styles, idx, noise, demodulate, fused_modconv, up=1, padding=0,
-                          resample_filter=None, flip_weight=True):
-    """Shared body of the SynthesisLayer / ToRGBLayer wrappers."""
+                          resample_filter=None, flip_weight=True, **bias_act_kwargs):
+    """Shared body of the SynthesisLayer / ToRGBLayer wrappers: modulated convolution, noise, bias,
+    activation. The bias is the base's plus adapter idx's bias delta ([O], or [N, O] per sample)."""
     weight = layer.base_layer.weight
     kh, kw = weight.shape[2], weight.shape[3]
     A, B = layer.factors(idx)  # rank 0 (fully pruned AdaLoRA layer) gives empty factors and a zero delta
     drop = layer._dropout_fn()  # pylint: disable=protected-access
     if drop is not None:
         fused_modconv = False  # dropout acts on the adapter branch input, which the fused path does not have
+    b, b_sample = layer._bias_and_delta(idx)  # pylint: disable=protected-access
+    bias = b if b_sample is None else b.unsqueeze(0) + b_sample
     return modulated_conv2d_lora(x=x, weight=weight, styles=styles, A=A, B=B, noise=noise, up=up,
         padding=padding, resample_filter=resample_filter, demodulate=demodulate, flip_weight=flip_weight,
-        fused_modconv=fused_modconv, dropout=drop)
+        fused_modconv=fused_modconv, dropout=drop, bias=bias, **bias_act_kwargs)
 
 
 @persistence.persistent_class
@@ -604,15 +660,10 @@ class LoraSynthesisLayer(AdapterLayer):
                 noise = base.noise_const * strength
 
         flip_weight = (base.up == 1)
-        x = _modulated_layer_conv(self, x, styles, idx, noise, demodulate=True, fused_modconv=fused_modconv,
-            up=base.up, padding=base.padding, resample_filter=base.resample_filter, flip_weight=flip_weight)
-
-        b, b_sample = self._bias_and_delta(idx)
-        if b_sample is not None:
-            x = x + b_sample.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
-        act_gain = base.act_gain * gain
         act_clamp = base.conv_clamp * gain if base.conv_clamp is not None else None
-        return bias_act.bias_act(x, b.to(x.dtype), act=base.activation, gain=act_gain, clamp=act_clamp)
+        return _modulated_layer_conv(self, x, styles, idx, noise, demodulate=True, fused_modconv=fused_modconv,
+            up=base.up, padding=base.padding, resample_filter=base.resample_filter, flip_weight=flip_weight,
+            activation=base.activation, act_gain=base.act_gain * gain, act_clamp=act_clamp)
 
     def extra_repr(self):
         return f'kernel_size={self.kernel_size}, fan_in={self.fan_in}, out_channels={self.fan_out}, ' + self._extra_repr_adapter()
@@ -634,11 +685,8 @@ class LoraToRGBLayer(AdapterLayer):
         base = self.base_layer
         idx = self._batch_index(x.shape[0])
         styles = base.affine(w) * base.weight_gain
-        x = _modulated_layer_conv(self, x, styles, idx, None, demodulate=False, fused_modconv=fused_modconv)
-        b, b_sample = self._bias_and_delta(idx)
-        if b_sample is not None:
-            x = x + b_sample.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
-        return bias_act.bias_act(x, b.to(x.dtype), clamp=base.conv_clamp)
+        return _modulated_layer_conv(self, x, styles, idx, None, demodulate=False, fused_modconv=fused_modconv,
+                                     act_clamp=base.conv_clamp)
 
     def extra_repr(self):
         return f'kernel_size={self.kernel_size}, fan_in={self.fan_in}, out_channels={self.fan_out}, ' + self._extra_repr_adapter()

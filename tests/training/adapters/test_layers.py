@@ -392,3 +392,51 @@ def test_merged_weight_only_for_narrow_layers():
         assert merged_weight_is_cheaper(in_ch, 3, rank_rows=1, taps=1)
     for ch in [8, 16, 32]:
         assert merged_weight_is_cheaper(ch, ch, rank_rows=3, taps=9)
+
+
+@pytest.mark.parametrize('activation', ['lrelu', 'linear'])
+@pytest.mark.parametrize('clamp', [None, 0.7])
+@pytest.mark.parametrize('demodulate', [True, False])
+@pytest.mark.parametrize('per_sample_bias', [False, True])
+def test_in_place_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias):
+    """The non-fused CPU path applies demodulation, noise, bias, activation, gain and clamp in place
+    (`_DemodulateBiasAct`): with a zero delta its output has the bits of `modulated_conv2d` followed
+    by the reference `bias_act`; with a non-zero delta (float64) the values and gradients of every
+    input, noise and bias included, are those of the merged weight."""
+    from torch_utils.ops import bias_act
+    from training.adapters.layers import modulated_conv2d_lora
+    from training.networks_stylegan2 import modulated_conv2d
+    gen = torch.Generator().manual_seed(0)
+    N, I, O = 2, 32, 6
+    gain = 1.3
+    act = dict(activation=activation, act_gain=gain, act_clamp=clamp)
+
+    def reference(x, weight, styles, noise, bias):
+        y = modulated_conv2d(x, weight, styles, noise=noise, padding=1, demodulate=demodulate, fused_modconv=False)
+        if bias.ndim == 2:
+            return bias_act._bias_act_ref(y + bias[:, :, None, None], None, act=activation, gain=gain, clamp=clamp)
+        return bias_act._bias_act_ref(y, bias, act=activation, gain=gain, clamp=clamp)
+
+    for dtype in (torch.float32, torch.float64):
+        rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+        x, styles, weight, noise = rand(N, I, 8, 8), rand(N, I), rand(O, I, 3, 3), rand(N, 1, 8, 8)
+        bias = rand(N, O) if per_sample_bias else rand(O)
+        A, B = rand(3, I * 9), rand(O, 3) * (0 if dtype == torch.float32 else 0.1)
+        leaves = [x, styles, A, B, noise, bias]
+        for t in leaves:
+            t.requires_grad_(True)
+        got = modulated_conv2d_lora(x, weight, styles, A, B, noise=noise, padding=1, demodulate=demodulate,
+                                    fused_modconv=False, bias=bias, **act)
+        want = reference(x, weight + (B @ A).reshape(weight.shape), styles, noise, bias)
+        if clamp is not None:
+            assert (want.abs() == clamp).any() and (want.abs() < clamp).any()
+        if dtype == torch.float32:  # zero delta: the base's bits
+            assert torch.equal(got, want)
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        probe = rand(*got.shape)
+        grads = torch.autograd.grad((got * probe).sum(), leaves)
+        wants = torch.autograd.grad((want * probe).sum(), leaves)
+        for label, g, w in zip(['x', 'styles', 'A', 'B', 'noise', 'bias'], grads, wants):
+            assert g.abs().sum() > 0, label
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=label)
