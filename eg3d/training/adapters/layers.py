@@ -206,67 +206,82 @@ def _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight):
 
 
 class _StrideOneAdaptedConv(torch.autograd.Function):
-    """conv2d_resample(x, W + B @ A) without resampling (stride 1, `padding`), for a frozen W;
-    A [R, I*kh*kw] and B [O, R] shared by the batch, or [N, R, I*kh*kw] and [N, O, R] per sample.
+    """conv2d_resample(x * styles, W + B @ A) without resampling (stride 1, `padding`), for a frozen
+    W; styles [N, I] or None (no modulation); A [R, I*kh*kw] and B [O, R] shared by the batch, or
+    [N, R, I*kh*kw] and [N, O, R] per sample.
 
-    Forward: the base convolution exactly as the base computes it, the thin branch h
-    (`_thin_branch`), then y += B @ h per pixel, in place. Backward: the input gradient of W alone
-    (no weight gradient), the thin branch's input gradient added into it in place, and the
-    factors' gradients as matmuls: no full-size temporaries beyond the base's own.
+    Forward: the modulated input xs and the base convolution exactly as the base computes them, the
+    thin branch h (`_thin_branch`), then y += B @ h per pixel, in place. xs is not kept: backward
+    needs only x and styles. Backward: the input gradient of W alone (no weight gradient), the thin
+    branch's input gradient added into it in place, then the modulation applied to it in place;
+    the factors' and styles' gradients as matmuls and dot products: no full-size temporaries beyond
+    the base's own.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, weight, padding, flip_weight):  # pylint: disable=arguments-differ
+    def forward(ctx, x, styles, A, B, weight, padding, flip_weight):  # pylint: disable=arguments-differ
         N = x.shape[0]
         O, _, kh, kw = weight.shape
-        y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), padding=padding,
+        xs = x if styles is None else x * styles.to(x.dtype).reshape(N, -1, 1, 1)
+        y = conv2d_resample.conv2d_resample(x=xs, w=weight.to(x.dtype), padding=padding,
                                             flip_weight=flip_weight).contiguous()
-        taps, h = _thin_branch(x, A, kh, kw, padding=padding, flip_weight=flip_weight)
+        taps, h = _thin_branch(xs, A, kh, kw, padding=padding, flip_weight=flip_weight)
         B = B.to(x.dtype)
         y.view(N, O, -1).baddbmm_(B.expand(N, -1, -1), h)  # adds into y
-        ctx.save_for_backward(x, taps, B, weight, h)
+        ctx.save_for_backward(x, styles, taps, B, weight, h)
         ctx.conv = (padding, flip_weight, A.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # pylint: disable=arguments-differ
-        x, taps, B, weight, h = ctx.saved_tensors
+        x, styles, taps, B, weight, h = ctx.saved_tensors
         padding, flip_weight, factor_dtype = ctx.conv
         N, I, H, W = x.shape
         O, _, kh, kw = weight.shape
         R = B.shape[-1]
+        s = None if styles is None else styles.to(x.dtype).reshape(N, I, 1)
         shared = (B.ndim == 2)  # per-sample factors keep their batch dim; shared ones sum over it
         grad = grad.contiguous()
         g3 = grad.reshape(N, O, -1)
         grad_h = torch.bmm(B.expand(N, -1, -1).transpose(1, 2), g3)
-        grad_B = grad_A = grad_x = None
-        if ctx.needs_input_grad[2]:
+        grad_B = grad_A = grad_xs = None
+        if ctx.needs_input_grad[3]:
             grad_B = torch.bmm(g3, h.transpose(1, 2))
             grad_B = (grad_B.sum(0) if shared else grad_B).to(factor_dtype)
         grad_h = grad_h.reshape(N, R, *grad.shape[2:])
         w = weight.to(x.dtype)
         w = w if flip_weight else w.flip([2, 3])
+        needs_xs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         if shared and R * kh * kw >= I:  # narrow layer (see _thin_branch): gradients of the thin convolution
+            xs = x if s is None else x * s.unsqueeze(-1)  # narrow: recomputing xs is cheap
             thin = taps.reshape(R, kh * kw, I).transpose(1, 2).reshape(R, I, kh, kw)
             thin = thin if flip_weight else thin.flip([2, 3])
-            grad_x_thin, grad_thin, _ = torch.ops.aten.convolution_backward(
-                grad_h, x, thin, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-            if ctx.needs_input_grad[1]:
+            grad_xs_thin, grad_thin, _ = torch.ops.aten.convolution_backward(
+                grad_h, xs, thin, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                [needs_xs_grad, ctx.needs_input_grad[2], False])
+            if ctx.needs_input_grad[2]:
                 grad_A = (grad_thin if flip_weight else grad_thin.flip([2, 3])).reshape(R, -1).to(factor_dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = _conv_input_grad(grad, x, w, padding).add_(grad_x_thin)
-            return grad_x, grad_A, grad_B, None, None, None
-        grad_z = _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight)
+            if needs_xs_grad:
+                grad_xs = _conv_input_grad(grad, x, w, padding).add_(grad_xs_thin)
+        else:
+            grad_z = _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight)
+            if ctx.needs_input_grad[2]:
+                # dL/dtaps = dL/dz @ xs^T = (dL/dz @ x^T) * s per sample
+                grad_taps = torch.bmm(grad_z, x.reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
+                if s is not None:
+                    grad_taps.mul_(s.transpose(1, 2))
+                grad_taps = grad_taps.sum(0) if shared else grad_taps
+                grad_A = grad_taps.reshape(*grad_taps.shape[:-2], R, kh * kw, I).transpose(-1, -2)
+                grad_A = grad_A.reshape(*grad_taps.shape[:-2], R, -1).to(factor_dtype)
+            if needs_xs_grad:
+                grad_xs = _conv_input_grad(grad, x, w, padding).contiguous()
+                grad_xs.view(N, I, -1).baddbmm_(taps.expand(N, -1, -1).transpose(1, 2), grad_z)  # adds into it
+        grad_styles = None
         if ctx.needs_input_grad[1]:
-            grad_taps = torch.bmm(grad_z, x.reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
-            grad_taps = grad_taps.sum(0) if shared else grad_taps
-            grad_A = grad_taps.reshape(*grad_taps.shape[:-2], R, kh * kw, I).transpose(-1, -2)
-            grad_A = grad_A.reshape(*grad_taps.shape[:-2], R, -1).to(factor_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = _conv_input_grad(grad, x, w, padding).contiguous()
-            grad_x.view(N, I, -1).baddbmm_(taps.expand(N, -1, -1).transpose(1, 2), grad_z)  # adds into grad_x
-        return grad_x, grad_A, grad_B, None, None, None
+            grad_styles = _spatial_dot(grad_xs, x).to(styles.dtype)
+        if s is not None and ctx.needs_input_grad[0]:
+            grad_xs.view(N, I, -1).mul_(s)  # dL/dx = dL/dxs * s, in place
+        return (grad_xs if ctx.needs_input_grad[0] else None), grad_styles, grad_A, grad_B, None, None, None
 
 
 def _conv_input_grad(grad, x, w, padding):
@@ -289,9 +304,9 @@ def merged_weight_is_cheaper(in_channels: int, out_channels: int, rank_rows: int
     return BRANCH_COST_FACTOR * rank_rows * (taps * in_channels + out_channels) > out_channels * in_channels * taps
 
 
-def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0, flip_weight=True):
-    """conv2d_resample(x, W + B @ A); A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R]; `dropout`
-    (or None) acts on the low-rank branch's input only.
+def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0, flip_weight=True, styles=None):
+    """conv2d_resample(x * styles, W + B @ A); A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R];
+    styles [N, I] or None (no modulation); `dropout` (or None) acts on the low-rank branch's input only.
 
     For a frozen W and no dropout, W gets no weight gradient: the low-rank branch costs matmuls
     plus a convolution with R*k*k input and R output channels (a custom autograd function for
@@ -300,14 +315,17 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     """
     O, I, kh, kw = weight.shape
     geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
+    frozen = (dropout is None and not weight.requires_grad and A.shape[-2] > 0)
+    merged = frozen and A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw)
+    if frozen and not merged and up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
+        return _StrideOneAdaptedConv.apply(x, styles, A, B, weight, padding, flip_weight)
+    if styles is not None:
+        x = _Modulate.apply(x, styles)
     if A.shape[-2] == 0:  # fully pruned AdaLoRA layer: the base alone
         return conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
-    if dropout is None and not weight.requires_grad:
-        if A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw):
-            return conv2d_resample.conv2d_resample(x=x, w=_merged_weight(weight, A, B).reshape(weight.shape).to(x.dtype),
-                                                   **geometry)
-        if up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
-            return _StrideOneAdaptedConv.apply(x, A, B, weight, padding, flip_weight)
+    if merged:
+        return conv2d_resample.conv2d_resample(x=x, w=_merged_weight(weight, A, B).reshape(weight.shape).to(x.dtype),
+                                               **geometry)
     # Resampling, dropout or an unfrozen base: plain autograd over the base and the branch.
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
     N = y.shape[0]
@@ -370,9 +388,8 @@ def modulated_conv2d_lora(
         w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
 
     if not fused_modconv:
-        x = _Modulate.apply(x, styles)
         y = _adapted_conv(x, weight, A, B, dropout=dropout, f=resample_filter, up=up, down=down, padding=padding,
-                          flip_weight=flip_weight)
+                          flip_weight=flip_weight, styles=styles)
         dcoefs = dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1) if demodulate else None
         noise = None if noise is None else noise.to(x.dtype)
         if x.device.type != 'cuda' and activation in ('linear', 'lrelu') and act_gain > 0:
