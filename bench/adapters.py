@@ -4,7 +4,9 @@ Compares, on the same generator and batch:
   full     full fine-tuning (every generator parameter trainable);
   naive    My3DGen-style LoRA: W + scaling * B @ A materialised at every step and used as the
            layer weight (torch parametrization), so convolutions still compute full weight grads;
-  adapted  training.adapters (frozen base, low-rank branch; no weight gradients for the base).
+  adapted  training.adapters (frozen base, low-rank branch; no weight gradients for the base);
+  frozen   the base with nothing trainable, gradients flowing only to the latents: the floor of any
+           adapter method (every input gradient, no weight or style gradient).
 
 Steps are interleaved (one step of each method per round, rotating the order), so that a change in
 machine load during the run hits every method alike. The table gives medians over rounds of the
@@ -84,8 +86,11 @@ def make_step(G: torch.nn.Module, batch: int, device: torch.device, res: int) ->
     c[:, 16:] = torch.tensor([4.26, 0, 0.5, 0, 4.26, 0.5, 0, 0, 1.0], device=device)
     with torch.no_grad():
         ws = G.mapping(z, c)
+    if not any(p.requires_grad for p in G.parameters()):
+        ws.requires_grad_(True)  # the frozen floor: backward still runs through every layer
 
     def step():
+        ws.grad = None
         for p in G.parameters():
             p.grad = None
         out = G.synthesis(ws, c, neural_rendering_resolution=res, noise_mode='const')
@@ -153,6 +158,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     adapted = copy.deepcopy(base)
     adapters.inject(adapted, cfg)
     models['adapters (this package)'] = adapted
+    models['frozen base (floor)'] = copy.deepcopy(base).requires_grad_(False)
 
     load_before = load_average()
     timings = time_steps({label: make_step(G, args.batch, device, res) for label, G in models.items()}, device,
