@@ -174,8 +174,8 @@ def run_mode(args) -> dict:
     peak_tensors = peak_tensor_bytes(measured_step) + optimizer_state
     return dict(mode=args.mode, trainable=sum(p.numel() for p in trainable), sec_per_step=float(np.median(times)),
                 sec_min=float(np.min(times)), times=times, cpu_times=cpu_times, peak_bytes=int(peak),
-                saved_bytes=int(saved), peak_tensor_bytes=int(peak_tensors), device=str(device), config=args.config, batch=args.batch, nrr=nrr,
-                steps=args.steps)
+                saved_bytes=int(saved), peak_tensor_bytes=int(peak_tensors), device=str(device), config=args.config,
+                batch=args.batch, nrr=nrr, steps=args.steps)
 
 
 def summarize(runs: list) -> dict:

@@ -91,8 +91,7 @@ class _DemodulateBiasAct(torch.autograd.Function):
         if clamp is not None:
             keep = out.abs() <= clamp  # where clamp passes the gradient (its bounds included)
             out.clamp_(-clamp, clamp)
-        needs_y = dcoefs is not None and ctx.needs_input_grad[1]
-        ctx.save_for_backward(y if needs_y else None, dcoefs, out if alpha is not None else None, keep)
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, dcoefs, out if alpha is not None else None, keep)
         ctx.shapes = (None if noise is None else noise.shape, None if bias is None else bias.shape)
         ctx.act = (alpha, gain)
         return out
