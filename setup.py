@@ -28,6 +28,8 @@ setup(
         "scikit-image>=0.20",
         "mrcfile>=1.4",
         "psutil>=5.9",
+        "dlib-bin>=19.24",
+        "face-recognition-models>=0.3.0",
     ],
     extras_require={
         "dev": ["pytest>=7", "peft>=0.10"],

@@ -10,7 +10,9 @@ random stream.
 """
 
 import math
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from training.volumetric_rendering import math_utils
@@ -123,3 +125,96 @@ def FOV_to_intrinsics(fov_degrees: float, device='cpu') -> torch.Tensor:
     """
     focal_length = float(1 / (math.tan(fov_degrees * 3.14159 / 360) * 1.414))
     return torch.tensor([[focal_length, 0, 0.5], [0, focal_length, 0.5], [0, 0, 1]], device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The FFHQ label convention of EG3D's datasets: the one place that holds its constants.
+#
+# A label is 25 floats: the cam2world 4x4 (row-major) followed by the normalised 3x3 intrinsics. EG3D's
+# in-the-wild preprocessing puts the camera on a sphere of radius 2.7 about the origin; the generator's
+# average camera looks at the pivot (0, 0, 0.2). The focal length 4.2647 is 2985.29 / 700 (the pixel focal
+# length of its 1024 px reconstruction crop over the 700 px centre crop); official sampling scripts use
+# FOV_to_intrinsics(18.837) = 4.2634 instead, which inference keeps for pixel parity with them.
+
+FFHQ_FOCAL = 4.2647
+FFHQ_INTRINSICS = (FFHQ_FOCAL, 0.0, 0.5, 0.0, FFHQ_FOCAL, 0.5, 0.0, 0.0, 1.0)
+FFHQ_RADIUS = 2.7
+FFHQ_PIVOT = (0.0, 0.0, 0.2)
+SAMPLING_FOV_DEG = 18.837
+
+
+def ffhq_intrinsics() -> np.ndarray:
+    """The normalised intrinsics of the FFHQ dataset labels, [3, 3] float64."""
+    return np.asarray(FFHQ_INTRINSICS, dtype=np.float64).reshape(3, 3)
+
+
+def make_label(cam2world: np.ndarray, intrinsics: Optional[np.ndarray] = None) -> np.ndarray:
+    """The 25-float EG3D label [25] (float32) of a cam2world [4, 4]; FFHQ intrinsics unless given."""
+    intrinsics = ffhq_intrinsics() if intrinsics is None else np.asarray(intrinsics)
+    return np.concatenate([np.asarray(cam2world, np.float64).reshape(16), intrinsics.reshape(9)]).astype(np.float32)
+
+
+def split_label(label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(cam2world [4, 4], intrinsics [3, 3]) of a 25-float label, float64."""
+    label = np.asarray(label, dtype=np.float64).reshape(25)
+    return label[:16].reshape(4, 4), label[16:].reshape(3, 3)
+
+
+def camera_looking_along(direction: np.ndarray, radius: float = FFHQ_RADIUS, pivot=FFHQ_PIVOT) -> np.ndarray:
+    """cam2world [4, 4] of the roll-free camera on the sphere of `radius` about the origin that looks at `pivot`
+    along the unit vector `direction` (world: y up, frontal camera on +z looking along -z).
+
+    The centre is pivot - s * direction with s > 0 chosen so that |centre| = radius: the camera LookAtPoseSampler
+    makes for the same view, written in closed form so that any viewing direction maps to exactly one label.
+    """
+    d = np.asarray(direction, dtype=np.float64)
+    d = d / np.linalg.norm(d)
+    p = np.asarray(pivot, dtype=np.float64)
+    pd = float(p @ d)
+    s = pd + math.sqrt(pd * pd - float(p @ p) + radius * radius)
+    centre = p - s * d
+    world_up = np.array([0.0, 1.0, 0.0])
+    right = -np.cross(world_up, d)
+    right /= np.linalg.norm(right)
+    up = np.cross(d, right)
+    cam2world = np.eye(4)
+    cam2world[:3, :3] = np.stack([right, up, d], axis=1)
+    cam2world[:3, 3] = centre
+    return cam2world
+
+
+def direction_from_yaw_pitch(yaw: float, pitch: float) -> np.ndarray:
+    """The viewing direction (unit, world frame) of a camera at `yaw` / `pitch` radians about the head.
+
+    yaw > 0 puts the camera on the +x side, pitch > 0 above: the camera centre's direction from the head is
+    (sin(yaw) cos(pitch), sin(pitch), cos(yaw) cos(pitch)), and the camera looks the opposite way.
+    """
+    return -np.array([math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch)])
+
+
+def yaw_pitch_from_direction(direction: np.ndarray) -> Tuple[float, float]:
+    """Inverse of direction_from_yaw_pitch (radians)."""
+    d = -np.asarray(direction, dtype=np.float64)
+    d = d / np.linalg.norm(d)
+    return math.atan2(d[0], d[2]), math.asin(max(-1.0, min(1.0, d[1])))
+
+
+def viewing_direction(label: np.ndarray) -> np.ndarray:
+    """The unit viewing direction (the camera's +z axis, world frame) of a label."""
+    cam2world, _ = split_label(label)
+    d = cam2world[:3, 2]
+    return d / np.linalg.norm(d)
+
+
+def label_from_yaw_pitch(yaw: float, pitch: float) -> np.ndarray:
+    """The FFHQ-convention label [25] of the roll-free camera at `yaw` / `pitch` radians."""
+    return make_label(camera_looking_along(direction_from_yaw_pitch(yaw, pitch)))
+
+
+def project_points(label: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World points [N, 3] -> normalised image coordinates [N, 2] (x right, y down, [0, 1] across the image)."""
+    cam2world, intrinsics = split_label(label)
+    world2cam = np.linalg.inv(cam2world)
+    cam = np.asarray(points, np.float64) @ world2cam[:3, :3].T + world2cam[:3, 3]
+    uvw = cam @ intrinsics.T
+    return uvw[:, :2] / uvw[:, 2:3]
