@@ -149,9 +149,9 @@ def ffhq_intrinsics() -> np.ndarray:
 
 
 def make_label(cam2world: np.ndarray, intrinsics: Optional[np.ndarray] = None) -> np.ndarray:
-    """The 25-float EG3D label [25] (float32) of a cam2world [4, 4]; FFHQ intrinsics unless given."""
+    """The 25-float EG3D label [25] (float64) of a cam2world [4, 4]; FFHQ intrinsics unless given."""
     intrinsics = ffhq_intrinsics() if intrinsics is None else np.asarray(intrinsics)
-    return np.concatenate([np.asarray(cam2world, np.float64).reshape(16), intrinsics.reshape(9)]).astype(np.float32)
+    return np.concatenate([np.asarray(cam2world, np.float64).reshape(16), intrinsics.reshape(9)])
 
 
 def split_label(label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

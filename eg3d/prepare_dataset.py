@@ -17,24 +17,23 @@ import torch
 from tqdm import tqdm
 
 import projector
-from photo_prep import outputs, pipeline
+from photo_prep import crop, outputs, pipeline
 from photo_prep.face_models import FaceModels, ModelsMissing
 from training import inference as inf
 from training.dataset import latent_name
 
 
-def project_latents(outdir: Path, records, network_pkl: str, device: torch.device, options: dict) -> None:
+def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.device, options: dict) -> None:
     """image_N_latent.npy for every kept crop that has none yet, with the project's projector."""
     todo = [r for r in records if r.status == 'kept' and not (outdir / latent_name(r.image)).is_file()]
     if not todo:
         click.echo('every kept image already has a latent')
         return
-    G = inf.load_generator(network_pkl, (), device)
     lpips_model = inf.build_lpips(options.pop('lpips_kind'), device)
     for record in tqdm(todo, desc='latents'):
         image_path = outdir / record.image
         target = inf.load_image(image_path, G.img_resolution).to(device)
-        c = torch.from_numpy(record.label).to(device).unsqueeze(0)
+        c = torch.from_numpy(record.label).float().to(device).unsqueeze(0)
         result = projector.project(G, target, c, lpips_model=lpips_model, desc=record.image, **options)
         inf.save_latent(outdir / latent_name(record.image), result.ws, overwrite=True)
 
@@ -43,6 +42,8 @@ def project_latents(outdir: Path, records, network_pkl: str, device: torch.devic
 @click.option('--photos', 'photo_dir', required=True, type=str, help='Folder of photos of one person (searched recursively)')
 @click.option('--outdir', required=True, type=str, help='Identity folder to write (must be new or empty)')
 @click.option('--network', 'network_pkl', type=str, help='Generator pkl: project a latent for every kept image')
+@click.option('--resolution', type=int, default=None,
+              help='Crop size [default: the --network generator\'s resolution, else 512 (EG3D FFHQ)]')
 @click.option('--skip-latents', is_flag=True, help='Write images and labels only; project later (or rerun with --resume)')
 @click.option('--resume', is_flag=True, help='Continue a run in --outdir: unchanged images keep their latents')
 @click.option('--identity-filter/--no-identity-filter', default=True, show_default=True,
@@ -63,7 +64,7 @@ def project_latents(outdir: Path, records, network_pkl: str, device: torch.devic
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--device', default='auto', show_default=True)
 @inf.user_errors
-def main(photo_dir, outdir, network_pkl, skip_latents, resume, identity_filter, dedupe, max_hash_distance,
+def main(photo_dir, outdir, network_pkl, resolution, skip_latents, resume, identity_filter, dedupe, max_hash_distance,
          min_sharpness, min_face, max_yaw, latent_space, num_steps, lpips_kind, w_avg_samples,
          neural_rendering_resolution, seed, device):
     """Photos of one person -> aligned, camera-labelled identity folder (+ latents)."""
@@ -73,10 +74,13 @@ def main(photo_dir, outdir, network_pkl, skip_latents, resume, identity_filter, 
             raise pipeline.PrepareError(f'--photos {photo_dir}: folder not found')
         if network_pkl is None and not skip_latents:
             raise pipeline.PrepareError('pass --network=<generator pkl> to project latents, or --skip-latents')
-        if network_pkl is not None:
-            inf.check_file(network_pkl, 'Network pickle')
         outputs.check_outdir(outdir, resume)
-        options = pipeline.FilterOptions(identity_filter=identity_filter, dedupe=dedupe,
+        device = inf.resolve_device(device)
+        G = None if (network_pkl is None or skip_latents) else inf.load_generator(network_pkl, (), device)
+        if G is not None and resolution not in (None, G.img_resolution):
+            raise pipeline.PrepareError(f'--resolution={resolution}, but {network_pkl} renders {G.img_resolution} px')
+        resolution = resolution or (G.img_resolution if G is not None else crop.OUTPUT_SIZE)
+        options = pipeline.PrepareOptions(resolution=resolution, identity_filter=identity_filter, dedupe=dedupe,
                                          max_hash_distance=max_hash_distance, min_sharpness=min_sharpness,
                                          min_face=min_face, max_yaw=max_yaw)
         models = FaceModels()
@@ -91,8 +95,8 @@ def main(photo_dir, outdir, network_pkl, skip_latents, resume, identity_filter, 
     rejected = pipeline.summarise_rejections(records)
     if rejected:
         click.echo('rejected:\n' + rejected)
-    if network_pkl is not None and not skip_latents:
-        project_latents(outdir, records, network_pkl, inf.resolve_device(device),
+    if G is not None:
+        project_latents(outdir, records, G, device,
                         dict(num_steps=num_steps, latent_space=latent_space, lpips_kind=lpips_kind,
                              w_avg_samples=w_avg_samples, neural_rendering_resolution=neural_rendering_resolution,
                              seed=seed))

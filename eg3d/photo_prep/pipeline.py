@@ -15,7 +15,8 @@ class PrepareError(Exception):
 
 
 @dataclasses.dataclass
-class FilterOptions:
+class PrepareOptions:
+    resolution: int = crop.OUTPUT_SIZE  # crop size in pixels (EG3D FFHQ: 512)
     identity_filter: bool = True       # keep the majority identity; in each photo its largest face
     dedupe: bool = True                # reject near-duplicates of an earlier kept crop
     max_hash_distance: int = 6         # near-duplicate: difference hashes of the crops differ in <= this many bits
@@ -84,7 +85,7 @@ def _detect(path: Path, root: Path, models: FaceModels, embed_all: bool) -> _Det
     return _Detected(record, photo, faces, embeddings)
 
 
-def _align(item: _Detected, face_index: int, options: FilterOptions) -> None:
+def _align(item: _Detected, face_index: int, options: PrepareOptions) -> None:
     """Fit the camera and crop of the chosen face and apply the pose, size and blur filters."""
     record, face = item.record, item.faces[face_index]
     view = alignment.fit_view(face.landmarks)
@@ -99,7 +100,7 @@ def _align(item: _Detected, face_index: int, options: FilterOptions) -> None:
                       f'less than --min-face={options.min_face:g} (more than {crop.OUTPUT_SIZE / options.min_face:.1f}x '
                       'upscaling)')
         return
-    record.crop = crop.extract(item.photo, view.similarity)
+    record.crop = crop.extract(item.photo, view.similarity, options.resolution)
     record.sharpness = filters.sharpness(record.crop)
     if record.sharpness < options.min_sharpness:
         record.reject(f'blurry: sharpness {record.sharpness:.1f} < --min-sharpness={options.min_sharpness:g}')
@@ -107,7 +108,7 @@ def _align(item: _Detected, face_index: int, options: FilterOptions) -> None:
     record.status = 'kept'
 
 
-def analyse(photo_dir: Path, options: FilterOptions, models: FaceModels,
+def analyse(photo_dir: Path, options: PrepareOptions, models: FaceModels,
             progress: Callable[[Iterable], Iterable] = lambda it: it) -> List[PhotoRecord]:
     """Every file under `photo_dir`, in sorted order, kept or rejected with its reason. Kept records carry their
     crop and label; their `image` names are given by `number_kept`."""

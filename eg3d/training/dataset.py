@@ -30,6 +30,8 @@ import torch
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LATENT_SUFFIX = '_latent.npy'
+# Pictures that prepare_dataset.py writes beside the crops for people to look at; never training images.
+REVIEW_IMAGES = ('contact_sheet.png',)
 LABEL_LENGTH = 25  # cam2world 4x4 (16) + intrinsics 3x3 (9)
 
 #----------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def read_identity(path: str, resolution: Optional[int] = None, num_ws: Optional[
     source = _Source(path)
     try:
         labels = _read_labels(source, problems)
-        image_names = sorted(n for n in source.names if n.lower().endswith(IMAGE_EXTENSIONS))
+        image_names = sorted(n for n in source.names if n.lower().endswith(IMAGE_EXTENSIONS) and n not in REVIEW_IMAGES)
         labelled = {}
         for entry in (labels or []):
             name, label = _check_label(entry, problems)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import dnnlib
 
-from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX
+from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX, REVIEW_IMAGES
 from training.loss import LPIPS_CHOICES  # re-exported for the scripts' --lpips option
 
 PathLike = Union[str, os.PathLike]
@@ -364,7 +364,8 @@ def save_image(image: Union[np.ndarray, torch.Tensor], path: PathLike) -> Path:
 
 
 def list_images(folder: PathLike) -> List[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.name not in REVIEW_IMAGES)
 
 
 # ----------------------------------------------------------------------------------------------
