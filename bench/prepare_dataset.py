@@ -59,7 +59,7 @@ def main():
     size = next(iter(crops.values())).shape[0]
     if args.calibrate:
         scale, tilt, depth, offset = calibration.fit_placement(landmarks, labels, size)
-        anchor, side = calibration.fit_crop(landmarks, size)
+        anchor, side = calibration.fit_crop(landmarks, size, depth)
         print(f'SCALE = {scale:.7f}\nTILT = {tilt:.6f}\nDEPTH_SCALE = {depth:.5f}\nOFFSET = {offset.round(6).tolist()}'
               f'\nCROP_ANCHOR_MM = {anchor.round(4).tolist()}\nCROP_SIDE_PER_SCALE = {side:.3f}')
         return
@@ -76,7 +76,8 @@ def main():
                 with_constants(*shipped)
             else:
                 others = {n: l for n, l in landmarks.items() if n != name}
-                with_constants(calibration.fit_placement(others, labels, size), calibration.fit_crop(others, size))
+                placement_fit = calibration.fit_placement(others, labels, size)
+                with_constants(placement_fit, calibration.fit_crop(others, size, placement_fit[2]))
             view = alignment.fit_view(landmarks[name])
             errors = []
             for photo, quad in placed[name]:

@@ -126,8 +126,8 @@ def crop_similarity(landmarks: np.ndarray, roll: float) -> np.ndarray:
     # The template is y-up, the photo y-down: fit against flipped y, so that the camera keeps its handedness.
     flip = np.array([1.0, -1.0])
     A, t = affine_camera(template.five_points(np.asarray(landmarks, np.float64)) * flip,
-                         template.five_points(template.TEMPLATE_MM))
-    centre = (A @ template.CROP_ANCHOR_MM + t) * flip
+                         template.five_points(template.shape_mm()))
+    centre = (A @ template.shape_mm(template.CROP_ANCHOR_MM) + t) * flip
     side = template.CROP_SIDE_PER_SCALE * (np.linalg.norm(A[0]) + np.linalg.norm(A[1])) / 2
     return similarity_from_centre(centre, side, roll)
 

@@ -3,7 +3,8 @@
 Each labelled face is a 512 px EG3D crop with its camera label, so its crop is the whole image and its camera is
 known. `fit_placement` finds the scale, tilt, depth scale and offset that make every label camera project the
 template onto the face's landmarks; `fit_crop` finds the anchor and side factor that make the five-point crop of
-every face the whole image. bench/prepare_dataset.py --calibrate runs both and prints the constants.
+every face the whole image, with the depth scale of the placement. bench/prepare_dataset.py --calibrate runs both
+and prints the constants.
 """
 from typing import Dict, Tuple
 
@@ -31,15 +32,16 @@ def fit_placement(landmarks: Dict[str, np.ndarray], labels: Dict[str, np.ndarray
     return float(scale), float(tilt), float(depth_scale), np.array([0.0, offset_y, offset_z])
 
 
-def fit_crop(landmarks: Dict[str, np.ndarray], size: int) -> Tuple[np.ndarray, float]:
-    """(anchor [3] in template mm, side per affine scale) that make each face's crop the whole image."""
+def fit_crop(landmarks: Dict[str, np.ndarray], size: int, depth_scale: float) -> Tuple[np.ndarray, float]:
+    """(anchor [3] in template mm, side per affine scale) that make each face's crop the whole image, for a
+    template whose depth is scaled by `depth_scale` (fit_placement's)."""
     names = sorted(landmarks)
     flip = np.array([1.0, -1.0])
     cameras = [alignment.affine_camera(template.five_points(landmarks[n]) * flip,
-                                       template.five_points(template.TEMPLATE_MM)) for n in names]
+                                       template.five_points(template.shape_mm(depth_scale=depth_scale))) for n in names]
 
     def residuals(p):
-        anchor = np.array([0.0, p[0], p[1]])
+        anchor = template.shape_mm(np.array([0.0, p[0], p[1]]), depth_scale)
         out = []
         for A, t in cameras:
             centre = (A @ anchor + t) * flip

@@ -37,8 +37,9 @@ TEMPLATE_MM = np.array([
     [0, -68, -16], [-8, -67, -17],
 ], dtype=np.float64)
 
-# The pose is fitted to the eyebrows, nose, eyes and mouth corners: the lips' other points move with expression.
-FIT_POINTS = np.r_[np.arange(17, 48), 48, 54]
+# The pose is fitted to the eyebrows, nose and eyes: the mouth moves with expression (a smile lifts its corners, a
+# moustache hides them), which tilts the fitted pitch (bench/prepare_dataset.py compared the choices).
+FIT_POINTS = np.arange(17, 48)
 
 # Mirror image of each landmark (for symmetry checks and flipped photos).
 MIRROR = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
@@ -47,22 +48,28 @@ MIRROR = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 2
 
 # Placement in EG3D's world: x_world = SCALE * Rx(TILT) @ (x_mm with z * DEPTH_SCALE) + OFFSET (fitted, see the
 # module docstring).
-SCALE = 0.0024948
-TILT = 0.016895
-DEPTH_SCALE = 1.28685
-OFFSET = np.array([0.0, 0.075497, 0.292397])
+SCALE = 0.0024913
+TILT = 0.021612
+DEPTH_SCALE = 1.35971
+OFFSET = np.array([0.0, 0.075195, 0.29562])
 
 # EG3D's crop (its in-the-wild preprocessing) is centred on a 3D anchor point of a face template, seen through the
 # affine camera that best maps five template points (eye centres, nose tip, mouth corners) to the five landmarks,
-# and its side is proportional to that camera's scale. The same construction on this template, with the anchor
-# (mm, template frame) and the factor fitted like the placement above:
-CROP_ANCHOR_MM = np.array([0.0, -26.5185, -41.7017])
-CROP_SIDE_PER_SCALE = 237.436
+# and its side is proportional to that camera's scale. The same construction on this template (depth scaled as
+# above), with the anchor (mm, template frame, before the depth scale) and the factor fitted like the placement:
+CROP_ANCHOR_MM = np.array([0.0, -26.4154, -41.6256])
+CROP_SIDE_PER_SCALE = 241.302
 
 
 def five_points(landmarks: np.ndarray) -> np.ndarray:
     """Eye centres, nose tip and mouth corners [5, D] of 68 landmarks [68, D] (the points EG3D's crop uses)."""
     return np.stack([landmarks[36:42].mean(0), landmarks[42:48].mean(0), landmarks[30], landmarks[48], landmarks[54]])
+
+
+def shape_mm(points_mm: np.ndarray = TEMPLATE_MM, depth_scale: float = None) -> np.ndarray:
+    """Template points [N, 3] (mm) with their depth scaled (DEPTH_SCALE unless given)."""
+    depth_scale = DEPTH_SCALE if depth_scale is None else depth_scale
+    return np.asarray(points_mm, np.float64) * np.array([1.0, 1.0, depth_scale])
 
 
 def rotation_x(angle: float) -> np.ndarray:
@@ -72,8 +79,7 @@ def rotation_x(angle: float) -> np.ndarray:
 
 def place(points_mm: np.ndarray, scale: float, tilt: float, depth_scale: float, offset: np.ndarray) -> np.ndarray:
     """Template points [N, 3] (mm) -> world points [N, 3] under a placement."""
-    points = np.asarray(points_mm, np.float64) * np.array([1.0, 1.0, depth_scale])
-    return scale * points @ rotation_x(tilt).T + np.asarray(offset)
+    return scale * shape_mm(points_mm, depth_scale) @ rotation_x(tilt).T + np.asarray(offset)
 
 
 def world_points() -> np.ndarray:
