@@ -1,13 +1,15 @@
 """Compare pretrained, fully fine-tuned and adapter-personalized generators on an identity's held-out selfies.
 
     python evaluate.py --dataset=selfies_heldout --base=base.pkl --adapter=me.safetensors \
-        --full=full_finetune.pkl --outdir=eval --id_model=model_ir_se50.pth
+        --full=full_finetune.pkl --outdir=eval
 
 Every model renders each held-out image from its latent and camera; against the photo it gets
-LPIPS (lower is better), PSNR and SSIM (higher is better) and, with ArcFace IR-SE50 weights
-(--id_model), the identity similarity (cosine of ArcFace embeddings, higher is better). Novel poses
-(--novel-yaws, a yaw sweep around the frontal view) have no ground-truth photo, so there only the
-identity similarity to the photo is measured.
+LPIPS (lower is better), PSNR and SSIM (higher is better) and the identity similarity (cosine of face
+descriptors, higher is better): by default dlib's face network, shipped with the project's
+dependencies and used by prepare_dataset.py's identity filter (images where it finds no face are
+skipped and counted); `--id_model=model_ir_se50.pth` uses ArcFace IR-SE50 instead, `--id_model=none`
+skips it. Novel poses (--novel-yaws, a yaw sweep around the frontal view) have no ground-truth photo,
+so there only the identity similarity to the photo is measured.
 
 Models (any subset, at least one): --base (pretrained), --adapter (base + that adapter; repeatable),
 --full (fully fine-tuned snapshot; repeatable), --network (any other snapshot, e.g. an adapter
@@ -50,12 +52,19 @@ def load_models(base: Optional[str], adapter_paths, full_paths, network_paths, d
     return models
 
 
-def load_identity_model(path: Optional[str], device) -> Optional[torch.nn.Module]:
-    if path is None:
+def load_identity_model(spec: str, device):
+    """`dlib` (shipped), `none`, or the path of ArcFace IR-SE50 weights."""
+    from training import face_identity
+    if spec == 'none':
         return None
-    from training.arcface import IRSE50
+    if spec == 'dlib':
+        from photo_prep.face_models import ModelsMissing
+        try:
+            return face_identity.DlibIdentity()
+        except ModelsMissing as e:
+            raise inf.InputError(f'{e} (or pass --id_model=none)') from e
     try:
-        return IRSE50.load(path, device)
+        return face_identity.ArcFaceIdentity(spec, device)
     except (FileNotFoundError, ValueError) as e:
         raise inf.InputError(str(e)) from e
 
@@ -74,11 +83,12 @@ def read_heldout(path: str, G: torch.nn.Module) -> Tuple[List[str], torch.Tensor
 
 @torch.no_grad()
 def evaluate_model(G: torch.nn.Module, photos: torch.Tensor, cameras: torch.Tensor, latents: torch.Tensor,
-                   lpips_model: Optional[torch.nn.Module], id_model: Optional[torch.nn.Module],
+                   lpips_model: Optional[torch.nn.Module], id_model,
                    novel_cameras: Sequence[torch.Tensor], neural_rendering_resolution: Optional[int], render_seed: int,
                    batch_size: int, device: torch.device, desc: str) -> Dict[str, object]:
-    """Per-image metrics of one model and its renders (CPU) at the photos' cameras and at the novel cameras."""
-    from training.loss import identity_embedding
+    """Per-image metrics of one model and its renders (CPU) at the photos' cameras and at the novel cameras.
+    Identity similarities are NaN where the identity model finds no face."""
+    from training.face_identity import similarities
     per_image = {key: [] for key, _, _ in METRICS}
     renders, novel = [], []
     for start in tqdm(range(0, len(photos), batch_size), desc=desc, leave=False):
@@ -91,9 +101,9 @@ def evaluate_model(G: torch.nn.Module, photos: torch.Tensor, cameras: torch.Tens
         per_image['ssim'] += inf.ssim(image, photo).tolist()
         if lpips_model is not None:
             per_image['lpips'] += inf.lpips_distance(lpips_model, image, photo).tolist()
-        photo_id = identity_embedding(id_model, photo) if id_model is not None else None
+        photo_id = id_model(photo) if id_model is not None else None
         if photo_id is not None:
-            per_image['id'] += torch.nn.functional.cosine_similarity(identity_embedding(id_model, image), photo_id).tolist()
+            per_image['id'] += similarities(id_model(image), photo_id)
         # Novel poses: every image for the identity similarity; without ArcFace only the first, for the figure.
         ws_novel = ws if photo_id is not None else ws[:1]
         sims = []
@@ -103,25 +113,39 @@ def evaluate_model(G: torch.nn.Module, photos: torch.Tensor, cameras: torch.Tens
             if start == 0:
                 novel.append(view[:1].float().cpu())
             if photo_id is not None:
-                sims.append(torch.nn.functional.cosine_similarity(identity_embedding(id_model, view), photo_id))
+                sims.append(similarities(id_model(view), photo_id))
         if sims:
-            per_image['id_novel'] += torch.stack(sims).mean(0).tolist()
+            per_image['id_novel'] += [_mean_of_scored(column) for column in zip(*sims)]
     return {'per_image': per_image, 'renders': torch.cat(renders), 'novel': novel}
 
 
+def _mean_of_scored(values) -> float:
+    scored = [v for v in values if not np.isnan(v)]
+    return float(np.mean(scored)) if scored else float('nan')
+
+
 def summarize(per_image: Dict[str, List[float]]) -> Dict[str, Optional[Dict[str, float]]]:
-    return {key: ({'mean': float(np.mean(v)), 'std': float(np.std(v))} if v else None) for key, v in per_image.items()}
+    """Mean, std and count of each metric over the images that have it (identity: where a face was found)."""
+    summary = {}
+    for key, values in per_image.items():
+        scored = [v for v in values if not np.isnan(v)]
+        summary[key] = {'mean': float(np.mean(scored)), 'std': float(np.std(scored)), 'count': len(scored)} \
+            if scored else None
+    return summary
 
 
 def markdown_table(summary: Dict[str, dict], num_images: int, novel_yaws: List[float]) -> str:
     columns = [(key, title, better) for key, title, better in METRICS
                if any(summary[m][key] is not None for m in summary)]
-    lines = [f'Evaluated on {num_images} held-out image(s); mean ± std over images.',
+    lines = [f'Evaluated on {num_images} held-out image(s); mean ± std over images (identity: over the images '
+             'where a face was found, their count in brackets when fewer).',
              '' if not novel_yaws else f'Novel poses: yaw {", ".join(f"{y:+.2f}" for y in novel_yaws)} rad.', '',
              '| model | ' + ' | '.join(f'{title} ({better} is better)' for _, title, better in columns) + ' |',
              '|---|' + '---|' * len(columns)]
     for model, s in summary.items():
-        cells = [f'{s[key]["mean"]:.4f} ± {s[key]["std"]:.4f}' if s[key] else 'n/a' for key, _, _ in columns]
+        cells = [(f'{s[key]["mean"]:.4f} ± {s[key]["std"]:.4f}'
+                  + (f' ({s[key]["count"]})' if s[key]['count'] < num_images else '')) if s[key] else 'n/a'
+                 for key, _, _ in columns]
         lines.append(f'| {model} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -133,7 +157,8 @@ def markdown_table(summary: Dict[str, dict], num_images: int, novel_yaws: List[f
 @click.option('--full', 'full_paths', multiple=True, help='Fully fine-tuned snapshot pkl (repeatable)')
 @click.option('--network', 'network_paths', multiple=True, help='Other personalized snapshot pkl (repeatable)')
 @click.option('--outdir', required=True, type=str)
-@click.option('--id_model', '--id-model', 'id_model_path', type=str, help='ArcFace IR-SE50 weights (model_ir_se50.pth)')
+@click.option('--id_model', '--id-model', 'id_model_path', type=str, default='dlib', show_default=True,
+              help='Identity network: dlib (shipped), none, or ArcFace IR-SE50 weights (model_ir_se50.pth)')
 @click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='alex', show_default=True)
 @click.option('--novel-yaws', type=str, default='-0.5,-0.25,0.25,0.5', show_default=True,
               help='Yaws (radians) of the novel poses; empty to skip')

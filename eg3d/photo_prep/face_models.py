@@ -61,10 +61,11 @@ class FaceModels:
         self._landmarks = dlib.shape_predictor(str(files['shape_predictor_68_face_landmarks.dat']))
         self._embedding = dlib.face_recognition_model_v1(str(files['dlib_face_recognition_resnet_model_v1.dat']))
 
-    def _boxes(self, image: np.ndarray) -> List[np.ndarray]:
+    def _boxes(self, image: np.ndarray, cnn_fallback: bool) -> List[np.ndarray]:
         """Face boxes in photo pixels: HOG on a copy at most DETECT_MAX_SIDE wide, upsampled once when the photo is
-        small; the CNN detector when HOG finds nothing."""
-        for max_side, detector in ((DETECT_MAX_SIDE, 'hog'), (CNN_MAX_SIDE, 'cnn')):
+        small; the CNN detector when HOG finds nothing (and `cnn_fallback`)."""
+        passes = ((DETECT_MAX_SIDE, 'hog'), (CNN_MAX_SIDE, 'cnn')) if cnn_fallback else ((DETECT_MAX_SIDE, 'hog'),)
+        for max_side, detector in passes:
             scale = min(1.0, max_side / max(image.shape[:2]))
             small = image if scale == 1.0 else _resize(image, scale)
             upsample = 1 if max(small.shape[:2]) < 640 else 0
@@ -77,10 +78,10 @@ class FaceModels:
                         for r in rects]
         return []
 
-    def detect(self, image: np.ndarray) -> List[Face]:
+    def detect(self, image: np.ndarray, cnn_fallback: bool = True) -> List[Face]:
         """Every face in an RGB photo [H, W, 3] uint8, with its 68 landmarks."""
         faces = []
-        for box in self._boxes(image):
+        for box in self._boxes(image, cnn_fallback):
             rect = self._dlib.rectangle(*(int(round(v)) for v in (box[0], box[1], box[2] - 1, box[3] - 1)))
             shape = self._landmarks(image, rect)
             points = np.array([[p.x + 0.5, p.y + 0.5] for p in shape.parts()], np.float64)
@@ -92,8 +93,9 @@ class FaceModels:
         return np.asarray(self._embedding.compute_face_descriptor(image, face.shape), np.float64)
 
     def embed_aligned(self, crop: np.ndarray) -> Optional[np.ndarray]:
-        """The descriptor of the largest face in an aligned crop [H, W, 3], or None if no face is found there."""
-        faces = self.detect(crop)
+        """The descriptor of the largest face in an aligned crop [H, W, 3], or None if no face is found there (HOG
+        only: an aligned face is upright and large, and renders without a face should not cost the CNN's time)."""
+        faces = self.detect(crop, cnn_fallback=False)
         if not faces:
             return None
         return self.embed(crop, max(faces, key=lambda f: f.size))
