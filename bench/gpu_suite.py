@@ -246,7 +246,7 @@ def train_step_step(dry_run: bool, lpips: str) -> Step:
 def multi_identity_step(dry_run: bool, lpips: str) -> Step:
     args = (['--k', '2', '--steps', '1', '--per-identity-batch', '1', '--views', '2', '--render-iters', '1',
              '--render-batch', '2'] if dry_run else
-            ['--config', 'ffhq512', '--device', 'cuda', '--k', '1,16', '--steps', '3', '--per-identity-batch', '2',
+            ['--config', 'ffhq512', '--device', 'cuda', '--k', '16', '--steps', '3', '--per-identity-batch', '2',
              '--pass-size', '8', '--render-iters', '2'])
     k = 2 if dry_run else 16
 
