@@ -4,7 +4,8 @@ Each step runs its commands in order, in their own process group, under a timeou
 what is left of the budget). A failing, crashing or timed-out step is recorded and the suite goes on; a
 step that no longer fits in the budget is skipped with that reason. The summary is rewritten atomically
 before the first step and after every step (the step about to run is marked 'running'), so a suite
-killed from outside still leaves every finished result. All output goes to one log, `steps.log`.
+killed from outside still leaves every finished result; on SIGTERM or Ctrl-C the running step's
+processes are killed and it is recorded as stopped. All output goes to one log, `steps.log`.
 """
 
 import dataclasses
@@ -95,18 +96,34 @@ def summary_markdown(summary: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _run_command(argv: Sequence[str], log, timeout_s: float, env: Dict[str, str], cwd: str) -> tuple:
     """(returncode, timed_out); the command's process group is killed when it runs out of time."""
     log.write(f"\n$ {' '.join(argv)}\n")
     log.flush()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                            start_new_session=True)
+    # Its own process group (not session), so that what it starts can be killed with it, and still
+    # ends with the session of whoever runs the suite.
+    proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, process_group=0)
     try:
         returncode, timed_out = proc.wait(timeout=max(timeout_s, 0.1)), False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
         returncode, timed_out = proc.wait(), True
+    except BaseException:  # the suite itself is being stopped (SIGTERM, Ctrl-C): the step goes with it
+        _kill_group(proc)
+        raise
     log.write(f"[{'killed: out of time' if timed_out else f'exit status {returncode}'} after "
               f"{time.perf_counter() - t0:.1f} s]\n")
     log.flush()
@@ -166,22 +183,31 @@ def run_suite(steps: List[Step], out_dir: str, budget_s: float, environment: dic
         write_summary(out_dir, summary)
 
     save()
-    for step, check in zip(steps, summary['checks']):
-        left = budget_s - (time.perf_counter() - t0)
-        if step.skip_reason is not None:
-            check.update(status='skipped', reason=step.skip_reason)
-        elif left < MIN_STEP_S:
-            check.update(status='skipped', reason=f'budget exhausted ({max(left, 0):.0f} s left of {budget_s:.0f} s)')
-        else:
-            check['status'] = 'running'
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        for step, check in zip(steps, summary['checks']):
+            left = budget_s - (time.perf_counter() - t0)
+            if step.skip_reason is not None:
+                check.update(status='skipped', reason=step.skip_reason)
+            elif left < MIN_STEP_S:
+                check.update(status='skipped', reason=f'budget exhausted ({max(left, 0):.0f} s left of {budget_s:.0f} s)')
+            else:
+                check['status'] = 'running'
+                save()
+                try:
+                    result = run_step(step, log_path, min(step.timeout_s, left), env, cwd or os.getcwd())
+                except BaseException:
+                    check.update(status='fail', reason='the suite was stopped during this step')
+                    save()
+                    raise
+                verdict = judge_output(step, result)
+                check.update(status=verdict.status, figure=verdict.figure,
+                             target_met=None if verdict.target_met is None else bool(verdict.target_met),
+                             reason=verdict.reason, details=verdict.details, seconds=round(result.seconds, 1),
+                             output_tail=result.output[-TAIL_CHARS:] if verdict.status == 'fail' else '')
             save()
-            result = run_step(step, log_path, min(step.timeout_s, left), env, cwd or os.getcwd())
-            verdict = judge_output(step, result)
-            check.update(status=verdict.status, figure=verdict.figure,
-                         target_met=None if verdict.target_met is None else bool(verdict.target_met),
-                         reason=verdict.reason, details=verdict.details, seconds=round(result.seconds, 1),
-                         output_tail=result.output[-TAIL_CHARS:] if verdict.status == 'fail' else '')
-        save()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     summary['finished'] = True
     save()
     return summary

@@ -1,6 +1,8 @@
 """bench/gpu_suite.py: the step runner's resilience and the whole suite as a CPU dry run."""
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,6 +99,68 @@ def test_runner_skips_what_no_longer_fits_the_budget(tmp_path):
     summary = suite_runner.run_suite(steps, str(tmp_path), budget_s=suite_runner.MIN_STEP_S - 1,
                                      environment={}, mode='test')
     assert summary['checks'][0]['status'] == 'skipped' and 'budget exhausted' in summary['checks'][0]['reason']
+
+
+def test_stopped_suite_kills_the_running_step_and_leaves_its_summary(tmp_path):
+    """SIGTERM (what a timeout sends first) during a step: its processes die with the suite, the summary says so."""
+    pid_file, out = tmp_path / 'grandchild.pid', tmp_path / 'out'
+    hang = ('import subprocess, sys; p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
+            f'open({str(pid_file)!r}, "w").write(str(p.pid)); p.wait()')
+    script = (f'import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import suite_runner as r\n'
+              f'ok = lambda res: r.Verdict("pass", "ok")\n'
+              f'steps = [r.Step("done", "-", "-", [[sys.executable, "-c", "pass"]], 30, ok),\n'
+              f'         r.Step("hangs", "-", "-", [[sys.executable, "-c", {hang!r}]], 60, ok),\n'
+              f'         r.Step("never", "-", "-", [[sys.executable, "-c", "pass"]], 30, ok)]\n'
+              f'r.run_suite(steps, {str(out)!r}, 120, {{}}, "test")\n')
+    suite = subprocess.Popen([sys.executable, '-c', script])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    suite.send_signal(signal.SIGTERM)
+    assert suite.wait(timeout=30) == 128 + signal.SIGTERM
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while process_alive(grandchild) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(grandchild)
+    checks = json.loads((out / 'summary.json').read_text())['checks']
+    assert [(c['name'], c['status']) for c in checks] == [('done', 'pass'), ('hangs', 'fail'), ('never', 'pending')]
+    assert checks[1]['reason'] == 'the suite was stopped during this step'
+
+
+def test_gpu_judges_compare_figures_with_targets(tmp_path):
+    """On a GPU a benchmark passes only when its target is met (outputs in the scripts' formats)."""
+    def verdict(step, output):
+        return suite_runner.judge_output(step, suite_runner.StepOutput(0, output, False, 1.0))
+
+    def ops_output(speedup):
+        return ('| benchmark | ref (ms) | cuda (ms) | speed-up |\n|---|---|---|---|\n'
+                '| bias_act lrelu+bias+clamp, fp32 [4, 256, 256, 256] | 3.00 | 1.00 | 3.00x |\n'
+                f'| TriPlaneGenerator FFHQ-512 synthesis fwd+bwd, batch 4 | 300.00 | 100.00 | {speedup} |\n')
+
+    ops = gpu_suite.ops_step(dry_run=False)
+    assert (verdict(ops, ops_output('2.50x')).status, verdict(ops, ops_output('2.50x')).target_met) == ('pass', True)
+    missed = verdict(ops, ops_output('1.20x'))
+    assert (missed.status, missed.target_met) == ('fail', False) and 'at least 2' in missed.reason
+
+    def train_step_output(lora_bytes):
+        rows = [dict(mode='lora', peak_bytes=lora_bytes, sec_per_step=0.2, device='cuda'),
+                dict(mode='full', peak_bytes=10 * 2**30, sec_per_step=0.3, device='cuda')]
+        return 'table\n' + '\n'.join(json.dumps(r) for r in rows) + '\n'
+
+    memory = gpu_suite.train_step_step(dry_run=False, lpips='none')
+    assert verdict(memory, train_step_output(5 * 2**30)).target_met is True
+    assert verdict(memory, train_step_output(7 * 2**30)).status == 'fail'
+    assert 'peak CUDA memory: LoRA 5,120 MiB vs full 10,240 MiB (50%)' in verdict(memory, train_step_output(5 * 2**30)).figure
+
+    multi = gpu_suite.multi_identity_step(dry_run=False, lpips='none')
+    table = ('| K | one run (s) | K sequential runs (s) | speed-up |\n|---:|---:|---:|---:|\n| 16 | 20.0 | {} | {} |\n\n'
+             '| K | batch | ratio |\n|---:|---:|---:|\n| 16 | 16 | 0.42x |\n')
+    assert verdict(multi, table.format('80.0', '4.00x')).target_met is True
+    assert verdict(multi, table.format('40.0', '2.00x')).status == 'fail'
+    assert verdict(multi, 'Traceback: CUDA out of memory').status == 'fail'
+    crashed = suite_runner.judge_output(multi, suite_runner.StepOutput(1, 'CUDA out of memory', False, 1.0))
+    assert (crashed.status, crashed.reason) == ('fail', 'exit status 1')
 
 
 def test_rows_are_read_from_the_table_with_the_asked_columns():
