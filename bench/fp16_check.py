@@ -93,6 +93,11 @@ def scaled_max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def worst(errors: List[float]) -> float:
+    """The largest error; infinite when any is not finite (NaN would slip through max())."""
+    return max(errors) if all(math.isfinite(e) for e in errors) else math.inf
+
+
 def render(G, ws, c, nrr: int, force_fp32: bool) -> dict:
     torch.manual_seed(RENDER_SEED)
     return G.synthesis(ws, c, neural_rendering_resolution=nrr, noise_mode='const', force_fp32=force_fp32)
@@ -100,7 +105,7 @@ def render(G, ws, c, nrr: int, force_fp32: bool) -> dict:
 
 def gradient_errors(adapted, reference, ref_factors, ws, c, nrr: int, force_fp32: bool) -> List[float]:
     """Per factor tensor: scaled max error of adapted's gradient against the merged-weight reference's,
-    for the loss sum(image * R1) + sum(image_raw * R2) with fixed random cotangents."""
+    for the loss sum(image * R1) + sum(image_raw * R2) with fixed random cotangents (NaN where either is not finite)."""
     gen = torch.Generator().manual_seed(5)
     cotangents, grads = None, []
     for G, params in ((adapted, adapters.trainable_parameters(adapted)), (reference, list(ref_factors.values()))):
@@ -110,8 +115,7 @@ def gradient_errors(adapted, reference, ref_factors, ws, c, nrr: int, force_fp32
         loss = sum((out[k].float() * R).sum() for k, R in cotangents.items())
         grads.append(torch.autograd.grad(loss, params))
     assert len(grads[0]) == len(grads[1])
-    return [scaled_max_error(g, g_ref) if torch.isfinite(g).all() else float('inf')
-            for g, g_ref in zip(*grads)]
+    return [scaled_max_error(g, g_ref) for g, g_ref in zip(*grads)]
 
 
 def training_losses(G, steps: int, batch: int, nrr: int, lpips: str, device: torch.device) -> List[float]:
@@ -163,11 +167,11 @@ def run_checks(args: argparse.Namespace) -> dict:
 
     finite = all(torch.isfinite(mixed[k]).all().item() for k in ('image', 'image_raw', 'image_depth'))
     check('finite_outputs', float(finite), 'all finite', finite)
-    err = max(relative_rms(mixed[k], full[k]) for k in ('image', 'image_raw'))
+    err = worst([relative_rms(mixed[k], full[k]) for k in ('image', 'image_raw')])
     check('fp16_vs_fp32', err, FP16_IMAGE_RTOL, err <= FP16_IMAGE_RTOL)
-    err = max(gradient_errors(adapted, reference, ref_factors, ws, c, nrr, force_fp32=True))
+    err = worst(gradient_errors(adapted, reference, ref_factors, ws, c, nrr, force_fp32=True))
     check('grads_vs_merged_fp32', err, GRAD_RTOL_FP32, err <= GRAD_RTOL_FP32)
-    err = max(gradient_errors(adapted, reference, ref_factors, ws, c, nrr, force_fp32=False))
+    err = worst(gradient_errors(adapted, reference, ref_factors, ws, c, nrr, force_fp32=False))
     check('grads_vs_merged_fp16', err, GRAD_RTOL_FP16, err <= GRAD_RTOL_FP16)
     del reference, ref_factors
     t0 = time.perf_counter()

@@ -190,8 +190,9 @@ def ops_step(dry_run: bool) -> Step:
         if failure:
             return failure
         row = find_row(result.output, 'benchmark', lambda label: label.startswith('TriPlaneGenerator'))
-        if dry_run:
-            return judged(0, f"generator fwd+bwd {row['ref (ms)']} ms (reference ops, CPU)", 'ops_speed', True)
+        if dry_run:  # no GPU, no CUDA column: the reference time is the figure
+            return judged(number(row['ref (ms)']), f"generator fwd+bwd {row['ref (ms)']} ms (reference ops, CPU)",
+                          'ops_speed', True)
         speedup = number(row['speed-up'])
         figure = f"generator fwd+bwd: reference {row['ref (ms)']} ms, CUDA {row['cuda (ms)']} ms ({speedup:.2f}x)"
         if 'CUDA plugins unavailable' in result.output:
