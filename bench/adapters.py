@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'eg3d'))
 
-from training import adapters, configs  # noqa: E402  (needs the path above)
+from training import adapters, configs, synthetic_identity  # noqa: E402  (needs the path above)
 from training.adapters import AdapterConfig  # noqa: E402
 from training.adapters.inject import adapter_layers, base_name  # noqa: E402
 from training.triplane import TriPlaneGenerator  # noqa: E402
@@ -43,9 +43,12 @@ from training.triplane import TriPlaneGenerator  # noqa: E402
 def generator_kwargs(name: str) -> dict:
     """'ffhq512': the official FFHQ 512 config. 'reduced': the same backbone widths (channel_base 32768,
     channel_max 512) with 128 px output (SuperresolutionHybrid2X, fp32) and 12 + 12 samples per ray,
-    so that a CPU step takes seconds while the convolutions keep realistic widths."""
+    so that a CPU step takes seconds while the convolutions keep realistic widths. 'tiny': the golden
+    tiny128 generator (8- to 32-channel layers), for a quick run of the script itself."""
     if name == 'ffhq512':
         return configs.generator_kwargs('ffhq', 512)
+    if name == 'tiny':
+        return synthetic_identity.tiny_generator_kwargs()
     kwargs = configs.generator_kwargs('ffhq', 128, sr_num_fp16_res=0)
     kwargs['rendering_kwargs'].update(depth_resolution=12, depth_resolution_importance=12)
     return kwargs
@@ -203,7 +206,7 @@ def parameter_tables(ranks=(1, 2, 4, 8)) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', choices=['reduced', 'ffhq512'], default='reduced', help='generator size')
+    parser.add_argument('--config', choices=['reduced', 'ffhq512', 'tiny'], default='reduced', help='generator size')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     parser.add_argument('--batch', type=int, default=1, help='batch size')
     parser.add_argument('--rank', type=int, default=1, help='LoRA rank')
