@@ -184,3 +184,19 @@ def test_photos_to_latents_to_training(tmp_path):
     assert result.exit_code == 0, result.output
     run = next((tmp_path / 'runs').iterdir())
     assert list(run.glob('adapter-*.safetensors'))
+
+
+def test_a_photo_stored_sideways_is_aligned_upright(tmp_path):
+    crops, _ = _faces()
+    photo, quad = placement.place_crop(crops['eg3dprojector_00612.png'], np.random.default_rng(11))
+    sideways = PIL.Image.fromarray(photo).transpose(PIL.Image.Transpose.ROTATE_90)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6       # the camera's "rotate 90 degrees clockwise to display"
+    (tmp_path / 'photos').mkdir()
+    sideways.save(tmp_path / 'photos' / 'phone.jpg', exif=exif, quality=95)
+    result = _run(f'--photos={tmp_path / "photos"}', f'--outdir={tmp_path / "out"}', '--skip-latents')
+    assert result.exit_code == 0, result.output
+    entry = _report(tmp_path / 'out')['phone.jpg']
+    true_roll = math.degrees(math.atan2(quad[1, 1] - quad[0, 1], quad[1, 0] - quad[0, 0]))
+    assert entry['status'] == 'kept' and abs(entry['roll'] - true_roll) < 2
+    assert placement.quad_error(np.array(entry['quad']), quad) < 0.03    # in the upright photo's coordinates
