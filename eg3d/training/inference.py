@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 import dnnlib
 
+from camera_utils import FFHQ_RADIUS, SAMPLING_FOV_DEG
 from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX, REVIEW_IMAGES
 from training.loss import LPIPS_CHOICES  # re-exported for the scripts' --lpips option
 
 PathLike = Union[str, os.PathLike]
-DEFAULT_FOV_DEG = 18.837  # the FFHQ camera of EG3D: normalised focal length ~4.26
+DEFAULT_FOV_DEG = SAMPLING_FOV_DEG  # the official sampling scripts' FFHQ camera: normalised focal length ~4.26
 
 
 class InputError(ValueError):
@@ -265,7 +266,7 @@ def camera_label(G: torch.nn.Module, yaw: float = 0.0, pitch: float = 0.0, fov_d
     device = device if device is not None else next(G.parameters()).device
     rk = G.rendering_kwargs
     pivot = torch.tensor(rk.get('avg_camera_pivot', [0, 0, 0]), dtype=torch.float32)
-    radius = float(rk.get('avg_camera_radius', 2.7))
+    radius = float(rk.get('avg_camera_radius', FFHQ_RADIUS))
     with torch.random.fork_rng(devices=[]):  # the sampler draws (zero-scaled) noise; keep callers' streams intact
         cam2world = LookAtPoseSampler.sample(math.pi / 2 + yaw, math.pi / 2 + pitch, pivot, radius=radius)
     intrinsics = FOV_to_intrinsics(fov_deg)

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from camera_utils import LookAtPoseSampler
+from camera_utils import FFHQ_INTRINSICS, FFHQ_RADIUS, LookAtPoseSampler
 from torch_utils.ops import upfirdn2d
 from training.dual_discriminator import filtered_resizing
 
@@ -99,8 +99,8 @@ def mirrored_cameras(G: torch.nn.Module, batch_size: int, device: torch.device,
     """Two cameras per sample at yaw +d and -d (same pitch) around the generator's average pivot."""
     rk = G.rendering_kwargs
     pivot = torch.tensor(rk.get('avg_camera_pivot', [0, 0, 0]), dtype=torch.float32, device=device)
-    radius = float(rk.get('avg_camera_radius', 2.7))
-    intrinsics = torch.tensor([4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1], dtype=torch.float32, device=device)
+    radius = float(rk.get('avg_camera_radius', FFHQ_RADIUS))
+    intrinsics = torch.tensor(FFHQ_INTRINSICS, dtype=torch.float32, device=device)
     yaw = (torch.rand([batch_size], device=device) * 2 - 1) * yaw_range
     pitch = (torch.rand([batch_size], device=device) * 2 - 1) * pitch_range
     c1, c2 = [], []

@@ -28,9 +28,7 @@ import PIL.Image
 import torch
 
 import dnnlib
-from camera_utils import LookAtPoseSampler
-
-FFHQ_INTRINSICS = [4.2647, 0.0, 0.5, 0.0, 4.2647, 0.5, 0.0, 0.0, 1.0]
+from camera_utils import FFHQ_INTRINSICS, FFHQ_PIVOT, FFHQ_RADIUS, LookAtPoseSampler
 
 
 def tiny_generator_kwargs(**overrides) -> dict:
@@ -42,7 +40,7 @@ def tiny_generator_kwargs(**overrides) -> dict:
         'superresolution_noise_mode': 'none', 'density_reg': 0.25, 'density_reg_p_dist': 0.004,
         'reg_type': 'l1', 'decoder_lr_mul': 1.0, 'sr_antialias': True,
         'depth_resolution': 12, 'depth_resolution_importance': 12, 'ray_start': 2.25, 'ray_end': 3.3,
-        'box_warp': 1, 'avg_camera_radius': 2.7, 'avg_camera_pivot': [0, 0, 0.2],
+        'box_warp': 1, 'avg_camera_radius': FFHQ_RADIUS, 'avg_camera_pivot': list(FFHQ_PIVOT),
     }
     kwargs = dict(z_dim=64, w_dim=512, mapping_kwargs={'num_layers': 2}, channel_base=2048, channel_max=32,
                   fused_modconv_default='inference_only', rendering_kwargs=rendering_kwargs,
@@ -108,7 +106,7 @@ def apply_low_rank_change(G: torch.nn.Module, seed: int = 1, rank: int = 1, stre
 
 
 def camera_labels(num_views: int, seed: int, yaw_range: float = 0.45, pitch_range: float = 0.2,
-                  pivot=(0, 0, 0.2), radius: float = 2.7) -> np.ndarray:
+                  pivot=FFHQ_PIVOT, radius: float = FFHQ_RADIUS) -> np.ndarray:
     """FFHQ-like cameras [num_views, 25]: yaw/pitch offsets uniform in the ranges, looking at the pivot."""
     rnd = np.random.RandomState(seed)
     yaws = rnd.uniform(-yaw_range, yaw_range, num_views)
