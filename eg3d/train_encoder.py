@@ -98,6 +98,8 @@ def parse_folders(value) -> list:
 @click.option('--resume', metavar='FILE', help='encoder-<kimg>.safetensors of a run to continue exactly')
 @click.option('--id_model', '--id-model', 'id_model', metavar='PTH',
               help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
+@click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
 @click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help='Adam learning rate')
 @click.option('--nrr', 'neural_rendering_resolution', type=click.IntRange(min=8), default=None,
               help="Neural rendering resolution  [default: the generator's]")
@@ -105,7 +107,7 @@ def parse_folders(value) -> list:
 @click.option('--device', type=click.Choice(['cuda', 'cpu']), default=None, help='[default: cuda if available]')
 @click.option('--progress', type=bool, default=True, show_default=True, help='Show a progress bar')
 @inf.user_errors
-def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, resume, id_model, lr,
+def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, resume, id_model, replay, lr,
          neural_rendering_resolution, seed, device, progress):
     """Train an encoder that inverts photos (with their cameras) into the W+ of a frozen EG3D generator.
 
@@ -146,7 +148,7 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
     del G
 
     c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
-                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr,
+                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr, replay=replay,
                         lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,
                         random_seed=seed, num_gpus=num_gpus, device=device, progress_bar=progress)
     name = os.path.splitext(os.path.basename(network_pkl))[0]

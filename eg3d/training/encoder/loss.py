@@ -14,7 +14,7 @@ iteration's graph through G is alive at a time.
 """
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -72,8 +72,11 @@ class EncoderLoss:
         return terms
 
     def __call__(self, encoder: torch.nn.Module, render: restyle.RenderFn, batch: Batch, w_start: torch.Tensor,
-                 iters: int, backward_scale: float = 1.0) -> Dict[str, float]:
-        """Sum of the weighted terms over `iters` iterations, backpropagated; returns {term: mean over iterations}."""
+                 iters: int, backward_scale: float = 1.0) -> Tuple[Dict[str, float], List[restyle.Iteration]]:
+        """Sum of the weighted terms over `iters` iterations, backpropagated.
+
+        Returns ({term: mean over iterations}, the start and every iteration's detached latent and render).
+        """
         sums: Dict[str, float] = {}
         grad_render = render if self.needs_image_gradient else _without_grad(render)
 
@@ -90,8 +93,9 @@ class EncoderLoss:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach().mean()) / iters
 
-        restyle.refine(encoder, grad_render, batch.images, batch.cameras, w_start, iters, on_iteration=on_iteration)
-        return sums
+        states = restyle.refine(encoder, grad_render, batch.images, batch.cameras, w_start, iters,
+                                on_iteration=on_iteration)
+        return sums, states
 
 
 def _without_grad(render: restyle.RenderFn) -> restyle.RenderFn:

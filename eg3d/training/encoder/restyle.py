@@ -32,7 +32,8 @@ def start_latent(w_avg: torch.Tensor, batch_size: int, w_init: Optional[torch.Te
 def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: torch.Tensor, w_start: torch.Tensor,
            iters: int, start_image: Optional[torch.Tensor] = None,
            on_iteration: Optional[Callable[[int, Iteration], None]] = None) -> List[Iteration]:
-    """Run `iters` ReStyle iterations from w_start; returns every iteration's latent and render.
+    """Run `iters` ReStyle iterations from w_start; returns the start (w_0, y_0) and every iteration's latent and
+    render (detached): `iters + 1` entries.
 
     `start_image`: y_0 if the caller has it (else it is rendered). `on_iteration(i, it)` is called after
     iteration i (1-based); training puts its loss and backward pass there, so that the graph of one
@@ -43,7 +44,7 @@ def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: t
     ws = w_start
     with torch.no_grad():
         image = render(ws, c) if start_image is None else start_image
-    out = []
+    out = [Iteration(ws=ws.detach(), image=image.detach())]
     for i in range(1, iters + 1):
         ws = ws.detach() + encoder(photo, image.detach(), c)
         image = render(ws, c)

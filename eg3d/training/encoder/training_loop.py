@@ -28,6 +28,7 @@ from training.encoder import files, restyle
 from training.encoder.data import FolderSet, generator_batch, sample_cameras
 from training.encoder.loss import EncoderLoss, LossWeights
 from training.encoder.networks import EncoderConfig, W3DEncoder
+from training.encoder.replay import ReplayBuffer
 from training.training_loop import all_reduce_gradients, chunk_seed, kimg_tag
 
 W_AVG_SAMPLES = 10000
@@ -74,6 +75,8 @@ def training_loop(
     psi_range: Tuple[float, float] = (0.4, 1.0),
     neural_rendering_resolution: Optional[int] = None,   # None = the generator's.
     encoder_config: Optional[dict] = None,    # EncoderConfig fields; None = the preset for the generator.
+    replay: int = 0,                          # Extra latent-loss updates per step from the replay buffer.
+    replay_size: int = 1024,                  # Examples (iteration inputs) the replay buffer keeps.
     random_seed: int = 0,
     num_gpus: int = 1,
     rank: int = 0,
@@ -123,9 +126,12 @@ def training_loop(
         torch.distributed.broadcast(w_avg, src=0)
     params = list(encoder.parameters())
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    buffer = ReplayBuffer(replay_size if replay > 0 else 0, encoder.config.input_resolution)
     if state_path is not None:
         if os.path.isfile(state_path):
-            optimizer.load_state_dict(torch.load(state_path, map_location=device, weights_only=True)['optimizer'])
+            state = torch.load(state_path, map_location='cpu', weights_only=True)
+            optimizer.load_state_dict(state['optimizer'])
+            buffer.load_state_dict(state.get('replay'))
             log(f'Restored optimizer state from {state_path}')
         else:
             log(f'Warning: {state_path} not found; the optimizer starts afresh (the run will not match an '
@@ -145,7 +151,8 @@ def training_loop(
     training_info = dict(iters=iters, neural_rendering_resolution=nrr, batch_size=batch_size,
                          random_seed=random_seed, psi_range=list(psi_range), lpips=lpips_net, lr=lr,
                          data=list(data) if data else 'generator samples', network=str(network_pkl),
-                         loss_weights=dict(vars(weights)), identity_loss=arcface is not None)
+                         loss_weights=dict(vars(weights)), identity_loss=arcface is not None, replay=replay,
+                         replay_size=replay_size)
 
     def save_snapshot() -> None:
         if num_gpus > 1:
@@ -153,7 +160,7 @@ def training_loop(
         if rank != 0:
             return
         tag = kimg_tag(cur_nimg)
-        state = dict(cur_nimg=cur_nimg, step=step, optimizer=optimizer.state_dict())
+        state = dict(cur_nimg=cur_nimg, step=step, optimizer=optimizer.state_dict(), replay=buffer.state_dict())
         with dnnlib.util.atomic_write_path(os.path.join(run_dir, f'training-state-{tag}.pt')) as tmp:
             torch.save(state, tmp)
         files.save(os.path.join(run_dir, f'encoder-{tag}.safetensors'), encoder, w_avg, G,
@@ -182,13 +189,24 @@ def training_loop(
                 batch = folder_set.batch(indices[chunk * batch_gpu:(chunk + 1) * batch_gpu]).to(device)
             torch.manual_seed(seed)
             w_start = restyle.start_latent(w_avg.unsqueeze(0), batch_gpu)
-            terms = loss_fn(encoder, render, batch, w_start, iters, backward_scale=batch_gpu / batch_size)
+            terms, states = loss_fn(encoder, render, batch, w_start, iters, backward_scale=batch_gpu / batch_size)
+            buffer.add(batch.images, batch.cameras, states, batch.ws, batch.has_ws)
             for name, value in terms.items():
                 acc = sums.setdefault(name, [0.0, 0])
                 acc[0] += value
                 acc[1] += 1
         all_reduce_gradients(params, num_gpus)
         optimizer.step()
+        for r in range(replay):
+            optimizer.zero_grad(set_to_none=True)
+            loss = buffer.update(encoder, batch_gpu, chunk_seed(random_seed, step, num_chunks + r * num_gpus + rank),
+                                 device)
+            (loss * weights.latent).backward()
+            all_reduce_gradients(params, num_gpus)
+            optimizer.step()
+            acc = sums.setdefault('replay_latent', [0.0, 0])
+            acc[0] += float(loss.detach())
+            acc[1] += 1
         step += 1
         cur_nimg += batch_size
         bar.update(min(cur_nimg, total_nimg) - bar.n)
