@@ -116,7 +116,7 @@ def main() -> None:
     print(f'Training: {args.kimg:g} kimg, batch {args.batch}, {args.iters} ReStyle iterations, replay {args.replay}, '
           f'lr {args.lr:g}, weights {weights}, {args.threads} thread(s)', flush=True)
     t0, c0 = time.time(), cpu_seconds()
-    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg, kimg_per_tick=0.04,
+    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg, kimg_per_tick=2 * args.batch / 1000,
                            snapshot_ticks=10**6, batch_size=args.batch, batch_gpu=args.batch, iters=args.iters,
                            lr=args.lr, lpips_net='none', loss_weights=weights, neural_rendering_resolution=NRR,
                            replay=args.replay, device='cpu', progress_bar=False)

@@ -54,13 +54,12 @@ def sample_cameras(G: torch.nn.Module, count: int, seed: int) -> torch.Tensor:
     rk = G.rendering_kwargs
     pivot = torch.tensor(rk.get('avg_camera_pivot', [0, 0, 0]), dtype=torch.float32)
     radius = float(rk.get('avg_camera_radius', 2.7))
-    intrinsics = torch.tensor(FFHQ_INTRINSICS, dtype=torch.float32)
-    labels = []
+    horizontal = torch.from_numpy(math.pi / 2 + yaws).float().reshape(-1, 1)
+    vertical = torch.from_numpy(math.pi / 2 + pitches).float().reshape(-1, 1)
     with torch.random.fork_rng(devices=[]):  # the sampler draws (zero-scaled) noise
-        for yaw, pitch in zip(yaws, pitches):
-            pose = LookAtPoseSampler.sample(math.pi / 2 + yaw, math.pi / 2 + pitch, pivot, radius=radius)
-            labels.append(torch.cat([pose.reshape(16), intrinsics]))
-    return torch.stack(labels)
+        poses = LookAtPoseSampler.sample(horizontal, vertical, pivot, radius=radius, batch_size=count)
+    intrinsics = torch.tensor(FFHQ_INTRINSICS, dtype=torch.float32).expand(count, -1)
+    return torch.cat([poses.reshape(count, 16), intrinsics], dim=1)
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ class ReplayBuffer:
             rows['targets'].append(targets.detach().cpu()[keep])
         for name in FIELDS:
             new = torch.cat(rows[name])
-            joined = torch.cat([self.data[name], new]) if self.data else new
+            joined = torch.cat([self.data[name], new]) if name in self.data else new
             self.data[name] = joined[-self.capacity:]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
