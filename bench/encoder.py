@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eg3d'))
@@ -116,12 +115,14 @@ def main() -> None:
     print(f'Training: {args.kimg:g} kimg, batch {args.batch}, {args.iters} ReStyle iterations, replay {args.replay}, '
           f'lr {args.lr:g}, weights {weights}, {args.threads} thread(s)', flush=True)
     t0, c0 = time.time(), cpu_seconds()
-    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg, kimg_per_tick=2 * args.batch / 1000,
+    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg,
+                           kimg_per_tick=2 * args.batch / 1000,
                            snapshot_ticks=10**6, batch_size=args.batch, batch_gpu=args.batch, iters=args.iters,
                            lr=args.lr, lpips_net='none', loss_weights=weights, neural_rendering_resolution=NRR,
                            replay=args.replay, device='cpu', progress_bar=False)
     train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
-    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)', flush=True)
+    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
+          flush=True)
     encoder, w_avg = result['encoder'].eval().requires_grad_(False), result['w_avg']
 
     sets = {}

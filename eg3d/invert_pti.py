@@ -83,8 +83,10 @@ def fit_metrics(G: torch.nn.Module, ws: torch.Tensor, target: torch.Tensor, c: t
 @click.option('--outdir', required=True, type=str)
 @click.option('--latent', 'latent_path', type=str, help='Use this latent as the pivot instead of projecting')
 @click.option('--full', is_flag=True, help='Tune every generator weight instead of the adapters')
-@click.option('--num-steps', type=click.IntRange(min=0), default=500, show_default=True, help='Projection steps (pivot)')
-@click.option('--encoder', 'encoder_path', type=str, help='Encoder file (train_encoder.py): the pivot starts from its estimate')
+@click.option('--num-steps', type=click.IntRange(min=0), default=500, show_default=True,
+              help='Projection steps (pivot)')
+@click.option('--encoder', 'encoder_path', type=str,
+              help='Encoder file (train_encoder.py): the pivot starts from its estimate')
 @click.option('--encoder-iters', type=click.IntRange(min=1), default=None,
               help='ReStyle iterations of --encoder  [default: as it was trained]')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)

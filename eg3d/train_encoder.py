@@ -81,7 +81,8 @@ def parse_folders(value) -> list:
 
 
 @click.command()
-@click.option('--network', 'network_pkl', required=True, metavar='PKL', help='Frozen generator (official EG3D pickle or ours)')
+@click.option('--network', 'network_pkl', required=True, metavar='PKL',
+              help='Frozen generator (official EG3D pickle or ours)')
 @click.option('--outdir', required=True, metavar='DIR', help='Where the run directory goes')
 @click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
               help='Training length in thousands of images (fractions allowed)')
@@ -100,7 +101,8 @@ def parse_folders(value) -> list:
               help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
 @click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
               help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
-@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help='Adam learning rate')
+@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help='Adam learning rate')
 @click.option('--nrr', 'neural_rendering_resolution', type=click.IntRange(min=8), default=None,
               help="Neural rendering resolution  [default: the generator's]")
 @click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Random seed')
@@ -116,12 +118,14 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
     python train_encoder.py --network=../networks/ffhqrebalanced512-128.pkl --outdir=../runs/encoder \\
         --kimg=2000 --batch=16 --gpus=4 --lpips=alex
     # Continue that run from its last file:
-    python train_encoder.py ... --resume=../runs/encoder/00000-encoder-ffhqrebalanced512-128-batch16/encoder-000400.safetensors
+    python train_encoder.py ... \\
+        --resume=../runs/encoder/00000-encoder-ffhqrebalanced512-128-batch16/encoder-000400.safetensors
     """
     env = _torchrun_env()
     num_gpus = env['world_size'] if env else gpus
     if env and gpus not in (1, num_gpus):
-        raise inf.InputError(f'--gpus={gpus} but torchrun started {num_gpus} processes; leave --gpus out under torchrun')
+        raise inf.InputError(f'--gpus={gpus} but torchrun started {num_gpus} processes; '
+                             'leave --gpus out under torchrun')
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cuda' and not torch.cuda.is_available():
         raise inf.InputError('--device=cuda but no CUDA device is available; pass --device=cpu')
@@ -148,7 +152,8 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
     del G
 
     c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
-                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr, replay=replay,
+                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr,
+                        replay=replay,
                         lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,
                         random_seed=seed, num_gpus=num_gpus, device=device, progress_bar=progress)
     name = os.path.splitext(os.path.basename(network_pkl))[0]

@@ -1,10 +1,8 @@
 """train_encoder.py: the encoder's command line (resume, input checks before work)."""
-import json
 import shutil
 
 import numpy as np
 import PIL.Image
-import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 

@@ -30,7 +30,8 @@ def save(path: str, encoder: W3DEncoder, w_avg: torch.Tensor, G: torch.nn.Module
          training: Optional[Dict[str, Any]] = None) -> None:
     """Write `encoder` and its start latent to `path` (a temp file, then renamed), tied to generator G."""
     tensors = {f'encoder.{k}': v.detach().to('cpu').contiguous().clone() for k, v in encoder.state_dict().items()}
-    tensors['w_avg'] = w_avg.detach().to('cpu', torch.float32).reshape(encoder.config.num_ws, encoder.config.w_dim).clone()
+    shape = (encoder.config.num_ws, encoder.config.w_dim)
+    tensors['w_avg'] = w_avg.detach().to('cpu', torch.float32).reshape(shape).clone()
     metadata = {
         'format': 'pt',
         'eg3d_encoder_version': FORMAT_VERSION,

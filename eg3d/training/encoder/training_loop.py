@@ -15,7 +15,6 @@ import os
 import time
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import psutil
 import torch
 import tqdm
@@ -231,7 +230,8 @@ def training_loop(
         if rank == 0:
             with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
                 f.write(json.dumps(stats) + '\n')
-            log(f'kimg {cur_nimg / 1000:<8.3f} step {step:<6d} time {dnnlib.util.format_time(time.time() - start_time):<10s} '
+            elapsed = dnnlib.util.format_time(time.time() - start_time)
+            log(f'kimg {cur_nimg / 1000:<8.3f} step {step:<6d} time {elapsed:<10s} '
                 f'sec/kimg {stats["sec_per_kimg"]:<8.1f} ' + ' '.join(f'{n} {v:.4f}' for n, v in values.items()))
         bar.set_postfix({n: f'{v:.4f}' for n, v in values.items() if n in ('image', 'latent')})
         if done or (cur_nimg // tick_nimg) % snapshot_ticks == 0:
