@@ -1,6 +1,7 @@
 """Benchmark of the camera-aware encoder (docs/encoder.md) on the demo base, on CPU.
 
     .venv/bin/python bench/encoder.py --kimg 0.16 --replay 24 --threads 2
+    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --device cuda    # on a GPU
 
 1. Train an encoder for the demo base (eg3d/demo.py's tiny generator, seed 0) with the training loop of
    train_encoder.py on the generator's own samples, for the stated budget (kimg, replay updates; the wall
@@ -85,6 +86,8 @@ def images_per_second(fn, repeats: int) -> float:
     t0 = time.time()
     for _ in range(repeats):
         fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return repeats / (time.time() - t0)
 
 
@@ -100,9 +103,11 @@ def main() -> None:
     parser.add_argument('--project', type=int, default=1, help='images per set for the projector comparison')
     parser.add_argument('--w-avg-samples', type=int, default=2000)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--outdir', default=None, help='keep the run here (default: a temp folder)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     G = si.build_tiny_generator(0)
     outdir = args.outdir or tempfile.mkdtemp(prefix='bench-encoder-')
@@ -119,16 +124,17 @@ def main() -> None:
                            kimg_per_tick=2 * args.batch / 1000,
                            snapshot_ticks=10**6, batch_size=args.batch, batch_gpu=args.batch, iters=args.iters,
                            lr=args.lr, lpips_net='none', loss_weights=weights, neural_rendering_resolution=NRR,
-                           replay=args.replay, device='cpu', progress_bar=False)
+                           replay=args.replay, device=args.device, progress_bar=False)
     train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
     print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
           flush=True)
     encoder, w_avg = result['encoder'].eval().requires_grad_(False), result['w_avg']
 
-    sets = {}
+    identity_images, identity_cameras = demo_identity_heldout(G)
+    G = G.to(device)
     base = generator_batch(G, args.heldout, HELDOUT_SEED, (0.4, 1.0), NRR)
-    sets['base samples'] = (base.images, base.cameras)
-    sets['demo identity (held-out views)'] = demo_identity_heldout(G)
+    sets = {'base samples': (base.images, base.cameras),
+            'demo identity (held-out views)': (identity_images.to(device), identity_cameras.to(device))}
 
     print('\n| held-out set | images | MSE w_avg | ' + ' | '.join(f'iter {i}' for i in range(1, args.iters + 1)) +
           ' | reduction vs w_avg |')
@@ -148,15 +154,15 @@ def main() -> None:
             print(f'| {name} #{i} | {m_ours:.5f} | {t_ours:.1f} | {m_base:.5f} | {t_base:.1f} | '
                   f'{t_base / t_ours:.1f}x |', flush=True)
 
-    print('\n| inference (CPU, batch 1) | images/s |')
+    print(f'\n| inference ({args.device}, batch 1) | images/s |')
     print('|---|---:|')
     image, camera = sets['base samples'][0][:1], sets['base samples'][1][:1]
     print(f'| encoder network, demo preset ({encoder.config.input_resolution} px input) | '
           f'{images_per_second(lambda: encoder(image, image, camera), 20):.1f} |')
     print(f'| {args.iters}-iteration inversion with its renders, demo config | '
           f'{images_per_second(lambda: encode(G, encoder, w_avg, image, camera, args.iters, NRR), 2):.2f} |')
-    ffhq = W3DEncoder(EncoderConfig.for_generator(14, 512, 512)).eval().requires_grad_(False)
-    photo = torch.zeros(1, 3, 512, 512)
+    ffhq = W3DEncoder(EncoderConfig.for_generator(14, 512, 512)).eval().requires_grad_(False).to(device)
+    photo = torch.zeros(1, 3, 512, 512, device=device)
     with torch.no_grad():
         print(f'| encoder network, FFHQ 512 preset (256 px input, '
               f'{sum(p.numel() for p in ffhq.parameters()) / 1e6:.1f}M parameters) | '
