@@ -3,7 +3,8 @@
     python invert_pti.py --network=base.pkl --adapter=me.safetensors --target=selfies/image_0.png --outdir=out
     python invert_pti.py --network=base.pkl --target=photo.png --c=photo_camera.npy --outdir=out --full
 
-1. Pivot: project the image into W (projector.py; or reuse a latent with --latent).
+1. Pivot: project the image into W (projector.py; or reuse a latent with --latent); with --encoder the
+   projection starts from the encoder's estimate (train_encoder.py), and --num-steps=0 keeps that estimate.
 2. Tune the generator around the fixed pivot on that one image (LPIPS + MSE, Adam, lr 3e-4): only the
    adapters (default), or every generator weight with --full (adapters are merged in first).
 
@@ -82,7 +83,12 @@ def fit_metrics(G: torch.nn.Module, ws: torch.Tensor, target: torch.Tensor, c: t
 @click.option('--outdir', required=True, type=str)
 @click.option('--latent', 'latent_path', type=str, help='Use this latent as the pivot instead of projecting')
 @click.option('--full', is_flag=True, help='Tune every generator weight instead of the adapters')
-@click.option('--num-steps', type=int, default=500, show_default=True, help='Projection steps (pivot)')
+@click.option('--num-steps', type=click.IntRange(min=0), default=500, show_default=True,
+              help='Projection steps (pivot)')
+@click.option('--encoder', 'encoder_path', type=str,
+              help='Encoder file (train_encoder.py): the pivot starts from its estimate')
+@click.option('--encoder-iters', type=click.IntRange(min=1), default=None,
+              help='ReStyle iterations of --encoder  [default: as it was trained]')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)
 @click.option('--w-avg-samples', type=int, default=10000, show_default=True)
 @click.option('--pti-steps', type=int, default=350, show_default=True, help='Tuning steps')
@@ -93,8 +99,8 @@ def fit_metrics(G: torch.nn.Module, ws: torch.Tensor, target: torch.Tensor, c: t
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs')
 @inf.user_errors
 def main(network_pkl, adapter_paths, device, adapter_index, target, c_path, outdir, latent_path, full, num_steps,
-         latent_space, w_avg_samples, pti_steps, pti_lr, lpips_kind, mse_weight, num_views, yaw_range, pitch,
-         fov_deg, neural_rendering_resolution, render_seed, overwrite):
+         encoder_path, encoder_iters, latent_space, w_avg_samples, pti_steps, pti_lr, lpips_kind, mse_weight, num_views,
+         yaw_range, pitch, fov_deg, neural_rendering_resolution, render_seed, overwrite):
     """Project an image to a pivot, then tune the adapters (or, --full, the generator) on it."""
     from training import adapters
     import legacy
@@ -114,6 +120,7 @@ def main(network_pkl, adapter_paths, device, adapter_index, target, c_path, outd
 
     lpips_model = inf.build_lpips(lpips_kind, device)
     G = inf.load_generator(network_pkl, adapter_paths, device)
+    start = projector.EncoderStart.load(encoder_path, G, encoder_iters, device) if encoder_path else None  # base check
     if full and adapters.is_injected(G):
         inf.select_adapter(G, adapter_index)
         G = adapters.merge(G, index=adapter_index).to(device)  # tune the personalized weights as plain weights
@@ -128,10 +135,11 @@ def main(network_pkl, adapter_paths, device, adapter_index, target, c_path, outd
     fit_args = (lpips_model, mse_weight, neural_rendering_resolution, render_seed)
 
     if pivot is None:
+        w_init = start.estimate(G, target_img, c, neural_rendering_resolution, render_seed) if start else None
         result = projector.project(G, target_img, c, num_steps=num_steps, latent_space=latent_space,
                                    lpips_model=lpips_model, mse_weight=mse_weight, w_avg_samples=w_avg_samples,
-                                   neural_rendering_resolution=neural_rendering_resolution, seed=render_seed,
-                                   desc='pivot')
+                                   w_init=w_init, neural_rendering_resolution=neural_rendering_resolution,
+                                   seed=render_seed, desc='pivot')
         pivot = result.ws
         inf.save_latent(outputs['latent'], pivot, overwrite=overwrite)
     before_img, before = fit_metrics(G, pivot, target_img, c, *fit_args)

@@ -2,16 +2,21 @@
 
     python projector.py --network=base.pkl --target=selfies/image_0.png --outdir=out --num-steps=500
     python projector.py --network=base.pkl --dataset=selfies        # every image without a latent
+    python projector.py --network=base.pkl --target=selfies/image_0.png --outdir=out --encoder=encoder.safetensors \
+        --num-steps=50 --latent-space=w_plus                         # start from the encoder's estimate
 
 Writes `<stem>_latent.npy` ([1, num_ws, w_dim], the identity dataset format) and `<stem>_projection.png`
 (target | projection). The optimization follows the EG3D/StyleGAN2 projector: start at w_avg (mean of
 `--w-avg-samples` mapped z), Adam with a cosine learning-rate ramp-up/ramp-down from 0.01, Gaussian
 noise on w scaled by w_std and decaying to zero in the first 75% of the steps, loss = LPIPS + MSE.
 With noise_mode='const' there are no per-layer noise maps to optimize, so no noise regularization.
+With `--encoder` (train_encoder.py), the start is the encoder's ReStyle estimate instead of w_avg;
+`--num-steps=0` keeps the encoder's estimate as it is (docs/encoder.md).
 """
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import inference as inf
+from training import encoder as encoders
 
 
 @dataclasses.dataclass
@@ -110,7 +116,7 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
         initial_loss = float(loss_at(w_opt, seed))
     torch.manual_seed(seed)
     losses = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(num_steps), desc=desc, disable=not progress or num_steps == 0, leave=False)
     for step in bar:
         t = step / num_steps
         w_noise_scale = w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp_length) ** 2
@@ -179,6 +185,30 @@ def plan_jobs(target: Optional[str], dataset: Optional[str], outdir: Optional[st
     return jobs
 
 
+@dataclasses.dataclass
+class EncoderStart:
+    """A trained encoder that gives the projection its start latent."""
+    encoder: torch.nn.Module
+    w_avg: torch.Tensor             # [num_ws, w_dim]
+    iters: int
+    neural_rendering_resolution: Optional[int]
+
+    @classmethod
+    def load(cls, path: str, G: torch.nn.Module, iters: Optional[int], device: torch.device) -> 'EncoderStart':
+        """The encoder in `path` for G (refused with a clear error if it was trained for another generator)."""
+        try:
+            encoder, w_avg, info = encoders.load(path, G, device)
+        except encoders.EncoderFileError as err:
+            raise inf.InputError(f'--encoder: {err}') from err
+        return cls(encoder, w_avg, iters or int(info.get('iters', 5)), info.get('neural_rendering_resolution'))
+
+    def estimate(self, G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor,
+                 neural_rendering_resolution: Optional[int], seed: int) -> torch.Tensor:
+        """W+ [1, num_ws, w_dim] of the target after the encoder's ReStyle iterations."""
+        return encoders.encode(G, self.encoder, self.w_avg, target, c, self.iters, neural_rendering_resolution,
+                               seed=seed)[-1].ws
+
+
 @click.command()
 @click.option('--network', 'network_pkl', required=True, help='Base or snapshot pkl')
 @click.option('--adapter', 'adapter_paths', multiple=True, help='Adapter file(s) to load onto --network')
@@ -187,7 +217,11 @@ def plan_jobs(target: Optional[str], dataset: Optional[str], outdir: Optional[st
 @click.option('--dataset', type=str, help='Identity folder: project every labelled image that has no latent yet')
 @click.option('--outdir', type=str, help='Where latents/renders go (default: beside the image; with --dataset only renders)')
 @click.option('--c', 'c_path', type=str, help='Camera label .npy (25 floats) instead of dataset.json')
-@click.option('--num-steps', type=int, default=500, show_default=True)
+@click.option('--num-steps', type=click.IntRange(min=0), default=500, show_default=True,
+              help='Optimisation steps (0 with --encoder: the encoder\'s estimate only)')
+@click.option('--encoder', 'encoder_path', type=str, help='Encoder file (train_encoder.py): start from its estimate')
+@click.option('--encoder-iters', type=click.IntRange(min=1), default=None,
+              help='ReStyle iterations of --encoder  [default: as it was trained]')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)
 @click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='vgg', show_default=True,
               help='LPIPS backbone; *-random only for tests')
@@ -200,7 +234,8 @@ def plan_jobs(target: Optional[str], dataset: Optional[str], outdir: Optional[st
 @click.option('--overwrite', is_flag=True, help='Replace existing latents')
 @click.option('--device', default='auto', show_default=True)
 @inf.user_errors
-def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_path, num_steps, latent_space,
+def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_path, num_steps, encoder_path,
+         encoder_iters, latent_space,
          lpips_kind, mse_weight, initial_learning_rate, initial_noise_factor, w_avg_samples,
          neural_rendering_resolution, seed, overwrite, device):
     """Invert aligned images with known cameras into W / W+ (writes <stem>_latent.npy)."""
@@ -213,20 +248,26 @@ def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_p
     G = inf.load_generator(network_pkl, adapter_paths, device)
     if adapter_index:
         inf.select_adapter(G, adapter_index)
+    start = EncoderStart.load(encoder_path, G, encoder_iters, device) if encoder_path else None
+    if start is not None and neural_rendering_resolution is None:
+        neural_rendering_resolution = start.neural_rendering_resolution  # render as the encoder was trained
     for job in tqdm(jobs, desc='images', disable=len(jobs) == 1):
         target_img = inf.load_image(job.image, G.img_resolution).to(device)
         c = torch.from_numpy(job.camera).to(device).unsqueeze(0)
+        began = time.time()
+        w_init = start.estimate(G, target_img, c, neural_rendering_resolution, seed) if start is not None else None
         result = project(G, target_img, c, num_steps=num_steps, latent_space=latent_space, lpips_model=lpips_model,
                          mse_weight=mse_weight, initial_learning_rate=initial_learning_rate,
-                         initial_noise_factor=initial_noise_factor, w_avg_samples=w_avg_samples,
+                         initial_noise_factor=initial_noise_factor, w_avg_samples=w_avg_samples, w_init=w_init,
                          neural_rendering_resolution=neural_rendering_resolution, seed=seed, desc=job.image.name)
         inf.save_latent(job.latent_out, result.ws, overwrite=overwrite)
         if job.render_out is not None:
             with torch.no_grad():
                 image = inf.render(G, result.ws, c, neural_rendering_resolution, seed=seed)
             inf.save_image(inf.image_grid([torch.cat([target_img.cpu(), image.cpu()])]), job.render_out)
-        click.echo(f'{job.image.name}: loss {result.initial_loss:.4f} -> {result.final_loss:.4f}; '
-                   f'wrote {job.latent_out}')
+        origin = f'encoder ({start.iters} iterations)' if start is not None else 'w_avg'
+        click.echo(f'{job.image.name}: loss {result.initial_loss:.4f} ({origin}) -> {result.final_loss:.4f} after '
+                   f'{num_steps} steps in {time.time() - began:.1f} s; wrote {job.latent_out}')
 
 
 if __name__ == '__main__':

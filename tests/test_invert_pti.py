@@ -100,3 +100,24 @@ def test_cli_errors_before_work(tiny_identity, fresh_adapter, tmp_path):
                   '--latent', tmp_path / 'bad_latent.npy', '--outdir', tmp_path, *FAST])
     assert result.exit_code == 1 and '[1, 14, 512]' in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad_latent.npy', 'other_base.pkl']
+
+
+def test_encoder_gives_the_pivot(tiny_identity, fresh_adapter, tmp_path):
+    from training.encoder import EncoderConfig, W3DEncoder, encode, save
+    G = inf.load_generator(tiny_identity / 'base.pkl')
+    torch.manual_seed(0)
+    encoder = W3DEncoder(EncoderConfig.for_generator(inf.num_ws(G), G.w_dim, G.img_resolution))
+    with torch.no_grad():
+        for head in encoder.heads:
+            head.linear.weight.normal_(0, 0.02)
+    w_avg = G.backbone.mapping.w_avg.repeat(inf.num_ws(G), 1)
+    path = tmp_path / 'encoder.safetensors'
+    save(str(path), encoder, w_avg, G, training={'iters': 2})
+    image = tiny_identity / 'heldout' / 'image_1.png'
+    result = run(['--network', tiny_identity / 'base.pkl', '--adapter', fresh_adapter, '--target', image,
+                  '--outdir', tmp_path / 'out', '--encoder', path, '--num-steps=0', '--latent-space=w_plus',
+                  '--pti-steps=1', *FAST])
+    assert result.exit_code == 0, result.output
+    c = torch.from_numpy(inf.label_for_image(image)).unsqueeze(0)
+    expected = encode(G, encoder.eval(), w_avg, inf.load_image(image, G.img_resolution), c, 2, 16)[-1].ws
+    assert np.allclose(np.load(tmp_path / 'out' / 'image_1_latent.npy'), expected.numpy(), atol=1e-5)

@@ -88,3 +88,44 @@ def test_cli_input_errors_come_before_work(tiny_identity, tmp_path):
                   '--adapter', tmp_path / 'missing.safetensors', '--outdir', tmp_path, *FAST])
     assert result.exit_code == 1 and 'Adapter file not found' in result.output
     assert not list(tmp_path.glob('*_latent.npy'))
+
+
+def encoder_file(G, path, seed=0):
+    """An encoder for G with random (non-zero) heads, saved as train_encoder.py does."""
+    from training.encoder import EncoderConfig, W3DEncoder, save
+    torch.manual_seed(seed)
+    encoder = W3DEncoder(EncoderConfig.for_generator(inf.num_ws(G), G.w_dim, G.img_resolution))
+    with torch.no_grad():
+        for head in encoder.heads:
+            head.linear.weight.normal_(0, 0.02)
+    save(str(path), encoder, G.backbone.mapping.w_avg.repeat(inf.num_ws(G), 1), G,
+         training={'iters': 2, 'neural_rendering_resolution': 16})
+    return path
+
+
+def test_cli_encoder_only_writes_the_encoder_estimate(tiny_identity, tmp_path):
+    from training.encoder import encode, load
+    G = inf.load_generator(tiny_identity / 'base.pkl')
+    path = encoder_file(G, tmp_path / 'encoder-000001.safetensors')
+    image = tiny_identity / 'heldout' / 'image_0.png'
+    result = run(['--network', tiny_identity / 'base.pkl', '--target', image, '--outdir', tmp_path / 'out',
+                  '--encoder', path, '--num-steps=0', '--latent-space=w_plus', '--lpips=none',
+                  '--w-avg-samples=200', '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    assert 'encoder (2 iterations)' in result.output
+    written = np.load(tmp_path / 'out' / 'image_0_latent.npy')
+    encoder, w_avg, _ = load(str(path), G)
+    c = torch.from_numpy(inf.label_for_image(image)).unsqueeze(0)  # the camera of dataset.json beside the image
+    expected = encode(G, encoder, w_avg, inf.load_image(image, G.img_resolution), c, 2, 16)[-1].ws
+    assert np.allclose(written, expected.numpy(), atol=1e-5)
+    assert not np.allclose(written, w_avg.numpy()[None])
+
+
+def test_cli_encoder_of_another_generator_is_refused(tiny_identity, tmp_path):
+    from training.synthetic_identity import build_tiny_generator
+    path = encoder_file(build_tiny_generator(7), tmp_path / 'other.safetensors')
+    result = run(['--network', tiny_identity / 'base.pkl', '--target', tiny_identity / 'heldout' / 'image_1.png',
+                  '--outdir', tmp_path / 'out', '--encoder', path, '--num-steps=0', '--lpips=none', '--device=cpu'])
+    assert result.exit_code == 1
+    assert 'trained on a different generator' in result.output and 'other.safetensors' in result.output
+    assert not (tmp_path / 'out' / 'image_1_latent.npy').exists()

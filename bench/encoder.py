@@ -1,0 +1,174 @@
+"""Benchmark of the camera-aware encoder (docs/encoder.md) on the demo base, on CPU.
+
+    .venv/bin/python bench/encoder.py --kimg 0.16 --replay 24 --threads 2
+    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --device cuda    # on a GPU
+
+1. Train an encoder for the demo base (eg3d/demo.py's tiny generator, seed 0) with the training loop of
+   train_encoder.py on the generator's own samples, for the stated budget (kimg, replay updates; the wall
+   and CPU time are printed).
+2. Evaluate on held-out samples of the base (seeds never used in training) and on the held-out views of
+   the demo's personalized identity (base + its rank-1 change, rendered as eg3d/demo.py does; inverted
+   with the base):
+   - image MSE of w_avg vs the encoder after each ReStyle iteration 1..iters;
+   - for the first `--project` images of each set: encoder + 50 projector steps vs 200 steps from w_avg
+     (projector.project, W+, no LPIPS), final MSE and wall time.
+3. Inference speed (images/s, batch 1): the encoder network at the demo preset and at the FFHQ 512 preset,
+   and a whole `iters`-iteration inversion (with its renders) at the demo config.
+Prints markdown tables for docs/benchmarks.md.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eg3d'))
+
+import demo  # noqa: E402  (the demo identity's recipe)
+import projector  # noqa: E402
+from training import synthetic_identity as si  # noqa: E402
+from training.encoder import EncoderConfig, W3DEncoder, encode  # noqa: E402
+from training.encoder.data import generator_batch  # noqa: E402
+from training.encoder.training_loop import training_loop  # noqa: E402
+
+NRR = demo.NEURAL_RENDERING_RESOLUTION
+HELDOUT_SEED = 10**9  # generator samples of the evaluation: a seed the training batches never use
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def demo_identity_heldout(G_base: torch.nn.Module, seed: int = 0, views: int = 50, heldout: int = 8,
+                          strength: float = 1.0):
+    """(images [H, 3, R, R] in [-1, 1], cameras [H, 25]) of the demo's held-out views, rendered as demo.py does."""
+    G_person = si.apply_low_rank_change(G_base, seed=seed + 1, rank=1, strength=strength)
+    labels = demo.camera_labels(G_base, demo.heldout_poses(heldout))
+    latents = si.identity_latents(G_base, views + heldout, seed=seed + 3)[views:]
+    images = si.render_views(G_person, labels, latents, seed=seed + 4 + views, neural_rendering_resolution=NRR)
+    return torch.from_numpy(images).float() / 127.5 - 1, torch.from_numpy(labels)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).square().mean(dim=[1, 2, 3])
+
+
+def evaluate_iterations(G, encoder, w_avg, images, cameras, iters):
+    """[iters + 1, N] MSE: row 0 = w_avg, row i = after iteration i."""
+    rows = []
+    for i in range(len(images)):
+        states = encode(G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], iters, NRR)
+        rows.append(torch.stack([mse(s.image, images[i:i + 1])[0] for s in states]))
+    return torch.stack(rows, dim=1)
+
+
+def compare_projection(G, encoder, w_avg, image, camera, iters, w_avg_samples):
+    """(MSE, seconds) of encoder + 50 steps and of 200 steps from w_avg (projector.project, W+, MSE only)."""
+    kwargs = dict(latent_space='w_plus', lpips_model=None, w_avg_samples=w_avg_samples,
+                  neural_rendering_resolution=NRR, progress=False)
+    t0 = time.time()
+    w_init = encode(G, encoder, w_avg, image, camera, iters, NRR)[-1].ws
+    ours = projector.project(G, image, camera, num_steps=50, w_init=w_init, **kwargs)
+    t_ours = time.time() - t0
+    t0 = time.time()
+    base = projector.project(G, image, camera, num_steps=200, **kwargs)
+    t_base = time.time() - t0
+    return (ours.final_loss, t_ours), (base.final_loss, t_base)
+
+
+def images_per_second(fn, repeats: int) -> float:
+    fn()
+    t0 = time.time()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return repeats / (time.time() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--kimg', type=float, default=0.16, help='training length (thousands of images)')
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--iters', type=int, default=5)
+    parser.add_argument('--replay', type=int, default=24, help='replay updates per step')
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--image-loss', action='store_true', help='also backpropagate the image loss through G')
+    parser.add_argument('--heldout', type=int, default=8, help='held-out generator samples')
+    parser.add_argument('--project', type=int, default=1, help='images per set for the projector comparison')
+    parser.add_argument('--w-avg-samples', type=int, default=2000)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--outdir', default=None, help='keep the run here (default: a temp folder)')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    G = si.build_tiny_generator(0)
+    outdir = args.outdir or tempfile.mkdtemp(prefix='bench-encoder-')
+    os.makedirs(outdir, exist_ok=True)
+    base_pkl = os.path.join(outdir, 'demo-base.pkl')
+    si.save_generator_pkl(G, base_pkl)
+
+    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else \
+        dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)
+    print(f'Training: {args.kimg:g} kimg, batch {args.batch}, {args.iters} ReStyle iterations, replay {args.replay}, '
+          f'lr {args.lr:g}, weights {weights}, {args.threads} thread(s)', flush=True)
+    t0, c0 = time.time(), cpu_seconds()
+    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg,
+                           kimg_per_tick=2 * args.batch / 1000,
+                           snapshot_ticks=10**6, batch_size=args.batch, batch_gpu=args.batch, iters=args.iters,
+                           lr=args.lr, lpips_net='none', loss_weights=weights, neural_rendering_resolution=NRR,
+                           replay=args.replay, device=args.device, progress_bar=False)
+    train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
+    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
+          flush=True)
+    encoder, w_avg = result['encoder'].eval().requires_grad_(False), result['w_avg']
+
+    identity_images, identity_cameras = demo_identity_heldout(G)
+    G = G.to(device)
+    base = generator_batch(G, args.heldout, HELDOUT_SEED, (0.4, 1.0), NRR)
+    sets = {'base samples': (base.images, base.cameras),
+            'demo identity (held-out views)': (identity_images.to(device), identity_cameras.to(device))}
+
+    print('\n| held-out set | images | MSE w_avg | ' + ' | '.join(f'iter {i}' for i in range(1, args.iters + 1)) +
+          ' | reduction vs w_avg |')
+    print('|---|---:|---:|' + '---:|' * args.iters + '---:|')
+    for name, (images, cameras) in sets.items():
+        table = evaluate_iterations(G, encoder, w_avg, images, cameras, args.iters).mean(dim=1)
+        cells = ' | '.join(f'{float(v):.5f}' for v in table[1:])
+        print(f'| {name} | {len(images)} | {float(table[0]):.5f} | {cells} | '
+              f'{100 * (1 - float(table[-1]) / float(table[0])):.1f}% |', flush=True)
+
+    print('\n| held-out image | encoder + 50 steps: MSE | time (s) | 200 steps from w_avg: MSE | time (s) | speed-up |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for name, (images, cameras) in sets.items():
+        for i in range(min(args.project, len(images))):
+            (m_ours, t_ours), (m_base, t_base) = compare_projection(
+                G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], args.iters, args.w_avg_samples)
+            print(f'| {name} #{i} | {m_ours:.5f} | {t_ours:.1f} | {m_base:.5f} | {t_base:.1f} | '
+                  f'{t_base / t_ours:.1f}x |', flush=True)
+
+    print(f'\n| inference ({args.device}, batch 1) | images/s |')
+    print('|---|---:|')
+    image, camera = sets['base samples'][0][:1], sets['base samples'][1][:1]
+    print(f'| encoder network, demo preset ({encoder.config.input_resolution} px input) | '
+          f'{images_per_second(lambda: encoder(image, image, camera), 20):.1f} |')
+    print(f'| {args.iters}-iteration inversion with its renders, demo config | '
+          f'{images_per_second(lambda: encode(G, encoder, w_avg, image, camera, args.iters, NRR), 2):.2f} |')
+    ffhq = W3DEncoder(EncoderConfig.for_generator(14, 512, 512)).eval().requires_grad_(False).to(device)
+    photo = torch.zeros(1, 3, 512, 512, device=device)
+    with torch.no_grad():
+        print(f'| encoder network, FFHQ 512 preset (256 px input, '
+              f'{sum(p.numel() for p in ffhq.parameters()) / 1e6:.1f}M parameters) | '
+              f'{images_per_second(lambda: ffhq(photo, photo, camera), 3):.2f} |')
+    print(f'\nRun files: {outdir}')
+
+
+if __name__ == '__main__':
+    main()

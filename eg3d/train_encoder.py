@@ -1,0 +1,164 @@
+"""Train the camera-aware W+ encoder (3DpSp: pSp with ReStyle refinement) for a frozen EG3D generator.
+
+Command-line interface only: checks the inputs, builds a plain options dict and hands it to
+`training.encoder.training_loop.training_loop` in one process, in `--gpus` spawned processes, or in
+each process that `torchrun` started (as train.py). See docs/encoder.md.
+"""
+
+import json
+import os
+import tempfile
+
+import click
+import torch
+
+import dnnlib
+from train import _torchrun_env, make_run_dir
+from training import inference as inf
+from training.encoder import files
+from training.encoder.data import FolderSet
+from training.encoder.training_loop import training_loop
+
+
+def _init_process(c: dnnlib.EasyDict, local_rank: int, local_world_size: int) -> None:
+    if c.device == 'cpu':
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    else:
+        torch.cuda.set_device(local_rank)
+
+
+def subprocess_fn(rank: int, c: dnnlib.EasyDict, temp_dir: str) -> None:
+    """One process of a `--gpus=N` run started by torch.multiprocessing.spawn."""
+    _init_process(c, rank, c.num_gpus)
+    if c.num_gpus > 1:
+        init_method = f'file://{os.path.abspath(os.path.join(temp_dir, ".torch_distributed_init"))}'
+        torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo',
+                                             init_method=init_method, rank=rank, world_size=c.num_gpus)
+    try:
+        training_loop(rank=rank, local_rank=rank, **c)
+    finally:
+        if c.num_gpus > 1:
+            torch.distributed.destroy_process_group()
+
+
+def launch(c: dnnlib.EasyDict, outdir: str, desc: str) -> None:
+    env = _torchrun_env()
+    if env:  # torchrun: this process is one rank; rank 0 picks the run directory.
+        _init_process(c, env['local_rank'], env['local_world_size'])
+        torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo', init_method='env://')
+        holder = [make_run_dir(outdir, desc) if env['rank'] == 0 else None]
+        if env['rank'] == 0:
+            write_options(c, holder[0])
+        torch.distributed.broadcast_object_list(holder, src=0)
+        try:
+            training_loop(run_dir=holder[0], rank=env['rank'], local_rank=env['local_rank'], **c)
+        finally:
+            torch.distributed.destroy_process_group()
+        return
+    run_dir = make_run_dir(outdir, desc)
+    write_options(c, run_dir)
+    c.run_dir = run_dir
+    if c.num_gpus == 1:
+        subprocess_fn(0, c, '')
+    else:
+        torch.multiprocessing.set_start_method('spawn', force=True)
+        with tempfile.TemporaryDirectory() as temp_dir:
+            torch.multiprocessing.spawn(fn=subprocess_fn, args=(c, temp_dir), nprocs=c.num_gpus)
+
+
+def write_options(c: dnnlib.EasyDict, run_dir: str) -> None:
+    print(f'Run directory: {run_dir}')
+    print(json.dumps(c, indent=2))
+    with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+        json.dump(dict(c, run_dir=run_dir), f, indent=2)
+
+
+def parse_folders(value) -> list:
+    if not value:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for item in items for part in str(item).split(',') if part.strip()]
+
+
+@click.command()
+@click.option('--network', 'network_pkl', required=True, metavar='PKL',
+              help='Frozen generator (official EG3D pickle or ours)')
+@click.option('--outdir', required=True, metavar='DIR', help='Where the run directory goes')
+@click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
+              help='Training length in thousands of images (fractions allowed)')
+@click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True, help='Total batch size')
+@click.option('--gpus', type=click.IntRange(min=1), default=1, show_default=True,
+              help='Processes (GPUs, or CPU processes with --device=cpu); leave out under torchrun')
+@click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True,
+              help='Encoder file every SNAP ticks of 1 kimg (and at the end)')
+@click.option('--iters', type=click.IntRange(min=1), default=5, show_default=True, help='ReStyle iterations per image')
+@click.option('--lpips', 'lpips_net', type=click.Choice(inf.LPIPS_CHOICES), default='alex', show_default=True,
+              help="LPIPS network ('*-random': testing only)")
+@click.option('--data', multiple=True, metavar='DIR[,DIR]',
+              help='Folders of aligned photos with dataset.json (latents optional); default: the generator\'s samples')
+@click.option('--resume', metavar='FILE', help='encoder-<kimg>.safetensors of a run to continue exactly')
+@click.option('--id_model', '--id-model', 'id_model', metavar='PTH',
+              help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
+@click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
+@click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help='Adam learning rate')
+@click.option('--nrr', 'neural_rendering_resolution', type=click.IntRange(min=8), default=None,
+              help="Neural rendering resolution  [default: the generator's]")
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Random seed')
+@click.option('--device', type=click.Choice(['cuda', 'cpu']), default=None, help='[default: cuda if available]')
+@click.option('--progress', type=bool, default=True, show_default=True, help='Show a progress bar')
+@inf.user_errors
+def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, resume, id_model, replay, lr,
+         neural_rendering_resolution, seed, device, progress):
+    """Train an encoder that inverts photos (with their cameras) into the W+ of a frozen EG3D generator.
+
+    \b
+    # The official FFHQ generator, its own samples as data, 4 GPUs:
+    python train_encoder.py --network=../networks/ffhqrebalanced512-128.pkl --outdir=../runs/encoder \\
+        --kimg=2000 --batch=16 --gpus=4 --lpips=alex
+    # Continue that run from its last file:
+    python train_encoder.py ... \\
+        --resume=../runs/encoder/00000-encoder-ffhqrebalanced512-128-batch16/encoder-000400.safetensors
+    """
+    env = _torchrun_env()
+    num_gpus = env['world_size'] if env else gpus
+    if env and gpus not in (1, num_gpus):
+        raise inf.InputError(f'--gpus={gpus} but torchrun started {num_gpus} processes; '
+                             'leave --gpus out under torchrun')
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise inf.InputError('--device=cuda but no CUDA device is available; pass --device=cpu')
+    if batch % num_gpus:
+        raise inf.InputError(f'--batch={batch} must be a multiple of the {num_gpus} processes')
+    folders = parse_folders(data)
+
+    # Everything the run reads is checked here, before a process starts.
+    G = inf.load_generator(network_pkl)
+    if folders:
+        FolderSet(folders, G.img_resolution, inf.num_ws(G), int(G.w_dim))
+    if resume:
+        try:
+            files.load(resume, G)
+        except files.EncoderFileError as err:
+            raise inf.InputError(f'--resume: {err}') from err
+    if id_model:
+        from training.arcface import IRSE50
+        try:
+            IRSE50.load(id_model)
+        except (OSError, ValueError) as err:
+            raise inf.InputError(str(err)) from err
+    inf.build_lpips(lpips_net)
+    del G
+
+    c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
+                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr,
+                        replay=replay,
+                        lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,
+                        random_seed=seed, num_gpus=num_gpus, device=device, progress_bar=progress)
+    name = os.path.splitext(os.path.basename(network_pkl))[0]
+    launch(c, outdir, f'encoder-{name}-batch{batch}')
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter

@@ -1,0 +1,109 @@
+"""Objective of the encoder, summed over the ReStyle iterations of a batch (means over its samples):
+
+  image    ||G(w_i, c) - photo||^2 (pixel mean)                      every iteration
+  lpips    LPIPS(G(w_i, c), photo) (at most 256 px)                   if an LPIPS network is given
+  id       1 - ArcFace cosine(G(w_i, c), photo)                        if a face embedding is given
+  latent   ||w_i - w||^2 (element mean), on the samples whose w is known (generator samples, folders
+           with latents)
+  mirror   the mirrored photo with its mirrored camera must invert consistently: one iteration from
+           w_avg on (flip(photo), mirror(c)), rendered from mirror(c) and flipped back, must match the
+           photo (pixel mean squared error); once per batch, after the first iteration
+
+Each iteration's terms are backpropagated right away (`backward_scale` times their sum), so only one
+iteration's graph through G is alive at a time.
+"""
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from training.encoder import restyle
+from training.encoder.data import Batch, mirror_cameras
+from training.loss import identity_loss, lpips_distance
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    image: float = 1.0
+    lpips: float = 0.8
+    id: float = 0.1
+    latent: float = 1.0
+    mirror: float = 0.5
+
+
+def latent_loss(ws: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared W+ error [N]; zero where the target latent is unknown."""
+    return (ws - target).square().mean(dim=[1, 2]) * known.to(ws.dtype)
+
+
+def mirrored_loss(encoder: torch.nn.Module, render: restyle.RenderFn, photo: torch.Tensor, c: torch.Tensor,
+                  w_start: torch.Tensor) -> torch.Tensor:
+    """Per-sample [N]: one iteration from w_start on the mirrored photo and camera, flipped back, vs the photo."""
+    c_mirror = mirror_cameras(c)
+    photo_mirror = photo.flip(3)
+    with torch.no_grad():
+        start_image = render(w_start, c_mirror)
+    ws = w_start + encoder(photo_mirror, start_image, c_mirror)
+    return (render(ws, c_mirror).flip(3) - photo).square().mean(dim=[1, 2, 3])
+
+
+class EncoderLoss:
+    """Runs the ReStyle iterations of one batch with their losses and backward passes; returns the term means."""
+
+    def __init__(self, weights: LossWeights, lpips_module: Optional[torch.nn.Module] = None,
+                 arcface: Optional[torch.nn.Module] = None):
+        self.weights = weights
+        self.lpips = lpips_module
+        self.arcface = arcface
+
+    @property
+    def needs_image_gradient(self) -> bool:
+        w = self.weights
+        return w.image > 0 or (w.lpips > 0 and self.lpips is not None) or (w.id > 0 and self.arcface is not None)
+
+    def image_terms(self, image: torch.Tensor, photo: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-sample reconstruction terms [N] of the renders against the photos (unweighted)."""
+        terms = {'image': (image - photo).square().mean(dim=[1, 2, 3])}
+        if self.lpips is not None:
+            terms['lpips'] = lpips_distance(self.lpips, _at_most_256(image), _at_most_256(photo))
+        if self.arcface is not None:
+            terms['id'] = identity_loss(self.arcface, image, photo)
+        return terms
+
+    def __call__(self, encoder: torch.nn.Module, render: restyle.RenderFn, batch: Batch, w_start: torch.Tensor,
+                 iters: int, backward_scale: float = 1.0) -> Tuple[Dict[str, float], List[restyle.Iteration]]:
+        """Sum of the weighted terms over `iters` iterations, backpropagated.
+
+        Returns ({term: mean over iterations}, the start and every iteration's detached latent and render).
+        """
+        sums: Dict[str, float] = {}
+        grad_render = render if self.needs_image_gradient else _without_grad(render)
+
+        def on_iteration(i: int, it: restyle.Iteration) -> None:
+            terms = self.image_terms(it.image, batch.images) if self.needs_image_gradient else \
+                {'image': (it.image - batch.images).square().mean(dim=[1, 2, 3])}
+            terms['latent'] = latent_loss(it.ws, batch.ws, batch.has_ws)
+            if i == 1 and self.weights.mirror > 0:
+                terms['mirror'] = mirrored_loss(encoder, render, batch.images, batch.cameras, w_start)
+            total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items()
+                        if value.requires_grad)
+            if torch.is_tensor(total):
+                (total * backward_scale / iters).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach().mean()) / iters
+
+        states = restyle.refine(encoder, grad_render, batch.images, batch.cameras, w_start, iters,
+                                on_iteration=on_iteration)
+        return sums, states
+
+
+def _without_grad(render: restyle.RenderFn) -> restyle.RenderFn:
+    def wrapped(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return render(ws, c)
+    return wrapped
+
+
+def _at_most_256(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=(256, 256), mode='area') if x.shape[-1] > 256 else x

@@ -1,0 +1,69 @@
+"""ReStyle's iterative refinement with the camera-aware encoder.
+
+    w_0 = w_avg (or a latent the caller gives),  y_0 = G(w_0, c)
+    w_i = w_{i-1} + E(photo ++ y_{i-1}, c),       y_i = G(w_i, c)        for i = 1..iters
+
+Every step sees the photo and what the current latent renders from the photo's camera, and corrects
+the latent by a residual. The renders fed back are detached: each iteration learns its own correction
+(ReStyle trains the same way).
+"""
+
+import dataclasses
+from typing import Callable, List, Optional
+
+import torch
+
+RenderFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ws [N, num_ws, w_dim], c [N, 25]) -> [N, 3, R, R]
+
+
+@dataclasses.dataclass
+class Iteration:
+    ws: torch.Tensor       # [N, num_ws, w_dim] after this iteration
+    image: torch.Tensor    # G(ws, c): [N, 3, R, R]
+
+
+def start_latent(w_avg: torch.Tensor, batch_size: int, w_init: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """w_0 [N, num_ws, w_dim]: `w_init` (broadcast over the batch) or w_avg ([num_ws, w_dim] or [1, ..]) repeated."""
+    start = w_init if w_init is not None else w_avg
+    start = start.reshape(-1, *w_avg.shape[-2:]) if start.ndim == 2 else start
+    return start.expand(batch_size, -1, -1).detach().clone() if start.shape[0] == 1 else start.detach().clone()
+
+
+def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: torch.Tensor, w_start: torch.Tensor,
+           iters: int, start_image: Optional[torch.Tensor] = None,
+           on_iteration: Optional[Callable[[int, Iteration], None]] = None) -> List[Iteration]:
+    """Run `iters` ReStyle iterations from w_start; returns the start (w_0, y_0) and every iteration's latent and
+    render (detached): `iters + 1` entries.
+
+    `start_image`: y_0 if the caller has it (else it is rendered). `on_iteration(i, it)` is called after
+    iteration i (1-based); training puts its loss and backward pass there, so that the graph of one
+    iteration is freed before the next is built.
+    """
+    if iters < 1:
+        raise ValueError(f'iters must be >= 1, got {iters}')
+    ws = w_start
+    with torch.no_grad():
+        image = render(ws, c) if start_image is None else start_image
+    out = [Iteration(ws=ws.detach(), image=image.detach())]
+    for i in range(1, iters + 1):
+        ws = ws.detach() + encoder(photo, image.detach(), c)
+        image = render(ws, c)
+        it = Iteration(ws=ws, image=image)
+        if on_iteration is not None:
+            on_iteration(i, it)
+        out.append(Iteration(ws=ws.detach(), image=image.detach()))
+    return out
+
+
+@torch.no_grad()
+def encode(G: torch.nn.Module, encoder: torch.nn.Module, w_avg: torch.Tensor, photo: torch.Tensor, c: torch.Tensor,
+           iters: int, neural_rendering_resolution: Optional[int] = None, w_init: Optional[torch.Tensor] = None,
+           seed: int = 0) -> List[Iteration]:
+    """Inference: `iters` iterations for photos [N, 3, R, R] in [-1, 1] with cameras [N, 25], from w_avg or `w_init`;
+    every render uses the renderer seed `seed` (as the projector's renders)."""
+    from training import inference as inf
+
+    def render(ws: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+        return inf.render(G, ws, cams, neural_rendering_resolution, seed=seed).float()
+    w_start = start_latent(w_avg, photo.shape[0], w_init)
+    return refine(encoder, render, photo, c, w_start, iters)

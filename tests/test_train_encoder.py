@@ -1,0 +1,70 @@
+"""train_encoder.py: the encoder's command line (resume, input checks before work)."""
+import shutil
+
+import numpy as np
+import PIL.Image
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import train_encoder
+from training import synthetic_identity as si
+
+FAST = ['--batch=1', '--iters=2', '--lpips=none', '--nrr=16', '--replay=1', '--device=cpu', '--progress=False']
+
+
+def run(args):
+    return CliRunner().invoke(train_encoder.main, [str(a) for a in args])
+
+
+def encoder_files(outdir):
+    return sorted(outdir.glob('*/encoder-*.safetensors'))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_identity, tmp_path):
+    base = tiny_identity / 'base.pkl'
+    whole = run(['--network', base, '--outdir', tmp_path / 'whole', '--kimg=0.002', *FAST])
+    assert whole.exit_code == 0, whole.output
+    first = run(['--network', base, '--outdir', tmp_path / 'parts', '--kimg=0.001', *FAST])
+    assert first.exit_code == 0, first.output
+    half, = encoder_files(tmp_path / 'parts')
+    assert half.name == 'encoder-000000.001.safetensors'
+    second = run(['--network', base, '--outdir', tmp_path / 'parts', '--kimg=0.002', '--resume', half, *FAST])
+    assert second.exit_code == 0, second.output
+    expected, = encoder_files(tmp_path / 'whole')
+    resumed = encoder_files(tmp_path / 'parts')[-1]
+    assert resumed.name == expected.name == 'encoder-000000.002.safetensors'
+    a, b = load_file(str(expected)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert not all(np.array_equal(a[k].numpy(), load_file(str(half))[k].numpy()) for k in a)  # it did train
+    log = (resumed.parent / 'log.txt').read_text()
+    assert 'Restored optimizer state' in log
+
+
+def write_bad_folder(folder, base_pkl):
+    shutil.copytree(base_pkl.parent / 'train', folder)
+    PIL.Image.new('RGB', (64, 64)).save(folder / 'image_0.png')
+    PIL.Image.new('RGB', (128, 128)).save(folder / 'unlabelled.png')
+
+
+def test_bad_data_names_the_files_before_any_work(tiny_identity, tmp_path):
+    folder = tmp_path / 'photos'
+    write_bad_folder(folder, tiny_identity / 'base.pkl')
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.002',
+                  '--data', folder, *FAST])
+    assert result.exit_code == 1
+    assert f'{folder / "image_0.png"}: image is 64x64' in result.output
+    assert f'{folder / "unlabelled.png"}: no camera label' in result.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_resume_from_an_encoder_of_another_base_is_refused(tiny_identity, tmp_path):
+    from training.encoder import W3DEncoder, EncoderConfig, save
+    G = si.build_tiny_generator(1)
+    path = tmp_path / 'encoder-000001.safetensors'
+    save(str(path), W3DEncoder(EncoderConfig.for_generator(14, 512, 128)), G.backbone.mapping.w_avg.repeat(14, 1), G)
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.002',
+                  '--resume', path, *FAST])
+    assert result.exit_code == 1
+    assert 'trained on a different generator' in result.output and str(path) in result.output
+    assert not (tmp_path / 'runs').exists()
