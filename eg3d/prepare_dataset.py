@@ -11,6 +11,7 @@ contact_sheet.png. A non-empty --outdir is refused unless --resume continues a r
 """
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 import torch
@@ -23,8 +24,10 @@ from training import inference as inf
 from training.dataset import latent_name
 
 
-def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.device, options: dict) -> None:
-    """image_N_latent.npy for every kept crop that has none yet, with the project's projector."""
+def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.device,
+                    start: Optional[projector.EncoderStart], options: dict) -> None:
+    """image_N_latent.npy for every kept crop that has none yet, with the project's projector (starting from the
+    encoder's estimate when one is given)."""
     todo = [r for r in records if r.status == 'kept' and not (outdir / latent_name(r.image)).is_file()]
     if not todo:
         click.echo('every kept image already has a latent')
@@ -34,7 +37,9 @@ def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.dev
         image_path = outdir / record.image
         target = inf.load_image(image_path, G.img_resolution).to(device)
         c = torch.from_numpy(record.label).float().to(device).unsqueeze(0)
-        result = projector.project(G, target, c, lpips_model=lpips_model, desc=record.image, **options)
+        w_init = None if start is None else start.estimate(G, target, c, options['neural_rendering_resolution'],
+                                                           options['seed'])
+        result = projector.project(G, target, c, lpips_model=lpips_model, w_init=w_init, desc=record.image, **options)
         inf.save_latent(outdir / latent_name(record.image), result.ws, overwrite=True)
 
 
@@ -57,7 +62,9 @@ def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.dev
               help='Reject faces whose crop covers fewer photo pixels than this (512/256: at most 2x upscaling)')
 @click.option('--max-yaw', type=float, default=60.0, show_default=True, help='Reject heads turned further (degrees)')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w_plus', show_default=True)
-@click.option('--num-steps', type=int, default=500, show_default=True, help='Projector steps per image')
+@click.option('--num-steps', type=click.IntRange(min=0), default=500, show_default=True,
+              help='Projector steps per image (0 with --encoder: the encoder\'s estimate only)')
+@click.option('--encoder', 'encoder_path', type=str, help='Encoder file (train_encoder.py): start from its estimate')
 @click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='vgg', show_default=True)
 @click.option('--w-avg-samples', type=int, default=10000, show_default=True)
 @click.option('--nrr', 'neural_rendering_resolution', type=int, default=None, help='Neural rendering resolution')
@@ -65,7 +72,7 @@ def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.dev
 @click.option('--device', default='auto', show_default=True)
 @inf.user_errors
 def main(photo_dir, outdir, network_pkl, resolution, skip_latents, resume, identity_filter, dedupe, max_hash_distance,
-         min_sharpness, min_face, max_yaw, latent_space, num_steps, lpips_kind, w_avg_samples,
+         min_sharpness, min_face, max_yaw, latent_space, num_steps, encoder_path, lpips_kind, w_avg_samples,
          neural_rendering_resolution, seed, device):
     """Photos of one person -> aligned, camera-labelled identity folder (+ latents)."""
     photo_dir, outdir = Path(photo_dir).expanduser(), Path(outdir).expanduser()
@@ -80,6 +87,11 @@ def main(photo_dir, outdir, network_pkl, resolution, skip_latents, resume, ident
         if G is not None and resolution not in (None, G.img_resolution):
             raise pipeline.PrepareError(f'--resolution={resolution}, but {network_pkl} renders {G.img_resolution} px')
         resolution = resolution or (G.img_resolution if G is not None else crop.OUTPUT_SIZE)
+        if encoder_path is not None and G is None:
+            raise pipeline.PrepareError('--encoder needs --network (and no --skip-latents)')
+        start = projector.EncoderStart.load(encoder_path, G, None, device) if encoder_path else None
+        if start is not None and neural_rendering_resolution is None:
+            neural_rendering_resolution = start.neural_rendering_resolution  # render as the encoder was trained
         options = pipeline.PrepareOptions(resolution=resolution, identity_filter=identity_filter, dedupe=dedupe,
                                          max_hash_distance=max_hash_distance, min_sharpness=min_sharpness,
                                          min_face=min_face, max_yaw=max_yaw)
@@ -96,7 +108,7 @@ def main(photo_dir, outdir, network_pkl, resolution, skip_latents, resume, ident
     if rejected:
         click.echo('rejected:\n' + rejected)
     if G is not None:
-        project_latents(outdir, records, G, device,
+        project_latents(outdir, records, G, device, start,
                         dict(num_steps=num_steps, latent_space=latent_space, lpips_kind=lpips_kind,
                              w_avg_samples=w_avg_samples, neural_rendering_resolution=neural_rendering_resolution,
                              seed=seed))

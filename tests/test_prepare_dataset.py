@@ -200,3 +200,31 @@ def test_a_photo_stored_sideways_is_aligned_upright(tmp_path):
     true_roll = math.degrees(math.atan2(quad[1, 1] - quad[0, 1], quad[1, 0] - quad[0, 0]))
     assert entry['status'] == 'kept' and abs(entry['roll'] - true_roll) < 2
     assert placement.quad_error(np.array(entry['quad']), quad) < 0.03    # in the upright photo's coordinates
+
+
+def test_latents_can_start_from_an_encoder(tmp_path):
+    import torch
+    from training import inference as inf
+    from training.encoder import EncoderConfig, W3DEncoder, encode, load, save
+    crops, _ = _faces()
+    _save(tmp_path / 'photos' / 'me.png', placement.place_crop(crops['eg3dprojector_00064.png'],
+                                                               np.random.default_rng(2))[0])
+    G = si.build_tiny_generator(0)
+    si.save_generator_pkl(G, str(tmp_path / 'base.pkl'))
+    torch.manual_seed(0)
+    encoder = W3DEncoder(EncoderConfig.for_generator(inf.num_ws(G), G.w_dim, G.img_resolution))
+    with torch.no_grad():
+        for head in encoder.heads:
+            head.linear.weight.normal_(0, 0.02)      # a trained encoder's heads are not zero
+    save(str(tmp_path / 'encoder.safetensors'), encoder, G.backbone.mapping.w_avg.repeat(inf.num_ws(G), 1), G,
+         training={'iters': 2, 'neural_rendering_resolution': 16})
+    result = _run(f'--photos={tmp_path / "photos"}', f'--outdir={tmp_path / "out"}', f'--network={tmp_path / "base.pkl"}',
+                  f'--encoder={tmp_path / "encoder.safetensors"}', '--num-steps=0', '--lpips=none',
+                  '--w-avg-samples=50', '--device=cpu')
+    assert result.exit_code == 0, result.output
+    written = np.load(tmp_path / 'out' / 'image_0_latent.npy')
+    G = inf.load_generator(tmp_path / 'base.pkl')
+    encoder, w_avg, _ = load(str(tmp_path / 'encoder.safetensors'), G)
+    c = torch.from_numpy(inf.label_for_image(tmp_path / 'out' / 'image_0.png')).unsqueeze(0)
+    expected = encode(G, encoder, w_avg, inf.load_image(tmp_path / 'out' / 'image_0.png'), c, 2, 16)[-1].ws
+    assert np.allclose(written, expected.numpy(), atol=1e-5)
