@@ -30,3 +30,13 @@ def conv_path(request, monkeypatch) -> str:
     from training.adapters import layers
     monkeypatch.setattr(layers, 'BRANCH_COST_FACTOR', 0.0 if request.param == 'branch' else float('inf'))
     return request.param
+
+
+@pytest.fixture
+def count_hashes(monkeypatch):
+    """Counts the passes over the base's weights (`files._weights_sha256` calls)."""
+    from training.adapters import files
+    calls = []
+    real = files._weights_sha256  # pylint: disable=protected-access
+    monkeypatch.setattr(files, '_weights_sha256', lambda params: calls.append(1) or real(params))
+    return calls

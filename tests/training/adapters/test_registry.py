@@ -88,3 +88,10 @@ def test_capacity_must_match_an_injected_generator(tiny_base):
     with pytest.raises(ValueError, match='3 adapter slots'):
         AdapterRegistry(G, capacity=2)
     assert AdapterRegistry(G, capacity=3).capacity == 3
+
+
+def test_swaps_never_hash_the_base_again(tiny_base, adapter_files, count_hashes):
+    registry = AdapterRegistry(copy.deepcopy(tiny_base), capacity=2)
+    for name in ['ann', 'ben', 'cat', 'ann', 'ben', 'cat']:  # every load after the second evicts
+        registry.load(name, adapter_files[name])
+    assert len(count_hashes) == 1
