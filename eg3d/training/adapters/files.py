@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as deserialize_safetensors
 from safetensors.torch import save as serialize_safetensors
 
 import dnnlib
@@ -169,7 +170,14 @@ def _read(path: str, with_tensors: bool = True) -> Tuple[Dict[str, str], Dict[st
     try:
         with safe_open(path, framework='pt', device='cpu') as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+        # Tensors come from the file's bytes: every `safe_open(...).get_tensor` call keeps some memory
+        # (safetensors 0.8; safetensors issue #369), which grows without bound in a registry that swaps
+        # thousands of files.
+        if with_tensors:
+            with open(path, 'rb') as file:
+                tensors = deserialize_safetensors(file.read())
+        else:
+            tensors = {}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f'{path} is not a readable safetensors adapter file: {e}') from e
     for key in ('adapter_config', 'base_fingerprint', 'target_modules'):
