@@ -17,6 +17,7 @@ EG3D names (torch_utils.*, training.networks_stylegan2).
 """
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -303,6 +304,23 @@ def merged_weight_is_cheaper(in_channels: int, out_channels: int, rank_rows: int
     return BRANCH_COST_FACTOR * rank_rows * (taps * in_channels + out_channels) > out_channels * in_channels * taps
 
 
+# Environment variable choosing how frozen adapted convolutions train: 'auto' (default: per layer,
+# by `merged_weight_is_cheaper`), 'branch' (every layer takes the low-rank branch, as all FFHQ 512
+# layers but the 3-channel torgb do: the narrow test configs then run the path real runs take) or
+# 'merged' (the merged weight wherever the batch shares the factors). Read at every call, so spawned
+# and torchrun processes follow it too.
+CONV_PATH_VARIABLE = 'EG3D_ADAPTER_CONV_PATH'
+
+
+def _trains_through_merged_weight(in_channels, out_channels, rank_rows, taps):
+    choice = os.environ.get(CONV_PATH_VARIABLE, 'auto')
+    if choice == 'auto':
+        return merged_weight_is_cheaper(in_channels, out_channels, rank_rows, taps)
+    if choice not in ('branch', 'merged'):
+        raise ValueError(f'{CONV_PATH_VARIABLE}={choice!r}: use auto, branch or merged')
+    return choice == 'merged'
+
+
 def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0, flip_weight=True, styles=None):
     """conv2d_resample(x * styles, W + B @ A); A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R];
     styles [N, I] or None (no modulation); `dropout` (or None) acts on the low-rank branch's input only.
@@ -310,12 +328,12 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     For a frozen W and no dropout, W gets no weight gradient: the low-rank branch costs matmuls
     plus a convolution with R*k*k input and R output channels (a custom autograd function for
     stride 1), or, for narrow layers with shared factors, the merged weight's gradient
-    (`merged_weight_is_cheaper`). With B == 0 the result is the base's bit for bit.
+    (`merged_weight_is_cheaper`, or `EG3D_ADAPTER_CONV_PATH`). With B == 0 the result is the base's bit for bit.
     """
     O, I, kh, kw = weight.shape
     geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
     frozen = (dropout is None and not weight.requires_grad and A.shape[-2] > 0)
-    merged = frozen and A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw)
+    merged = frozen and A.ndim == 2 and _trains_through_merged_weight(I, O, A.shape[0], kh * kw)
     if frozen and not merged and up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
         return _StrideOneAdaptedConv.apply(x, styles, A, B, weight, padding, flip_weight)
     if styles is not None:

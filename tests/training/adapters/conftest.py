@@ -26,9 +26,8 @@ def tiny_G(tiny_base) -> torch.nn.Module:
 @pytest.fixture(params=['branch', 'merged'])
 def conv_path(request, monkeypatch) -> str:
     """Run a test through both training paths of adapted convolutions: the low-rank branch and the
-    merged weight (`layers.merged_weight_is_cheaper` picks one per layer by size; test layers are small)."""
-    from training.adapters import layers
-    monkeypatch.setattr(layers, 'BRANCH_COST_FACTOR', 0.0 if request.param == 'branch' else float('inf'))
+    merged weight (by default `layers.merged_weight_is_cheaper` picks one per layer by size; test layers are small)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', request.param)
     return request.param
 
 

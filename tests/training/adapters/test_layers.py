@@ -394,6 +394,27 @@ def test_merged_weight_only_for_narrow_layers():
         assert merged_weight_is_cheaper(ch, ch, rank_rows=3, taps=9)
 
 
+@pytest.mark.parametrize('choice,branch_calls', [(None, 0), ('auto', 0), ('branch', 3), ('merged', 0)])
+def test_conv_path_variable_forces_the_path(monkeypatch, choice, branch_calls):
+    """EG3D_ADAPTER_CONV_PATH=branch sends the narrow stride-1 test layers (conv, conv_1x1, syn) through
+    the low-rank branch that FFHQ 512 layers take; by default ('auto') they take the merged weight."""
+    from training.adapters import layers
+    if choice is None:
+        monkeypatch.delenv('EG3D_ADAPTER_CONV_PATH', raising=False)
+    else:
+        monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', choice)
+    calls = []
+    real = layers._StrideOneAdaptedConv.apply  # pylint: disable=protected-access
+    monkeypatch.setattr(layers._StrideOneAdaptedConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    H = injected(AdapterConfig(r=1, targets=('synthesis',)))
+    for name in ['conv', 'conv_up', 'conv_down', 'conv_1x1', 'syn', 'syn_up']:
+        run_layer(name, H.synthesis[name], fused=False)
+    assert len(calls) == branch_calls
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', 'fast')
+    with pytest.raises(ValueError, match='EG3D_ADAPTER_CONV_PATH=.fast.: use auto, branch or merged'):
+        run_layer('conv', H.synthesis['conv'], fused=False)
+
+
 @pytest.mark.parametrize('activation', ['lrelu', 'linear'])
 @pytest.mark.parametrize('clamp', [None, 0.7])
 @pytest.mark.parametrize('demodulate', [True, False])
