@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import PIL.Image
@@ -31,6 +31,7 @@ import tqdm
 
 import dnnlib
 import legacy
+from torch_utils import custom_ops
 from torch_utils import misc
 from training import adapters
 from training import configs
@@ -181,10 +182,15 @@ def training_loop(
     local_rank: int = 0,
     workers: int = 0,                         # Accepted for EG3D compatibility; data is in memory.
     cudnn_benchmark: bool = True,
+    allow_tf32: bool = False,                 # TF32 matmuls/convolutions on Ampere+ (faster; off = official numerics).
     progress_bar: bool = True,                # tqdm bar on rank 0.
     grid_rows: int = 8,                       # Samples in the image grids; 0 = no grids.
-    **_ignored,
+    mode: str = '',                           # Recorded by train.py ('lora1', 'full', ...): names the run only.
+    metrics: Sequence[str] = (),              # EG3D's option: no metric is computed during personalization.
 ) -> dict:
+    if metrics:
+        raise ValueError(f'metrics={list(metrics)}: personalization computes no quality metrics during training '
+                         '(run evaluate.py on the snapshots)')
     training_set_kwargs = dict(training_set_kwargs or {})
     G_opt_kwargs = dict(G_opt_kwargs or dict(lr=0.0025, betas=[0, 0.99], eps=1e-8))
     loss_kwargs = dict(loss_kwargs or {})
@@ -193,8 +199,8 @@ def training_loop(
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.manual_seed(random_seed)
 
     def log(msg: str) -> None:
@@ -202,6 +208,16 @@ def training_loop(
             tqdm.tqdm.write(msg)
             with open(os.path.join(run_dir, 'log.txt'), 'a') as f:
                 f.write(msg + '\n')
+
+    logged_fallbacks = set()
+
+    def log_op_fallbacks() -> None:
+        """Each CUDA plugin the ops fell back from, with the reason, once in log.txt (not only as a warning)."""
+        for name, reason in custom_ops.unavailable_plugins().items():
+            if name not in logged_fallbacks:
+                logged_fallbacks.add(name)
+                log(f'Warning: CUDA plugin "{name}" is unavailable, its ops run the slower reference implementation '
+                    f'(set {custom_ops.IMPL_ENV}=cuda to make this an error). Reason: {reason}')
 
     # Generator: continue our own run, or start from a pretrained (official or ours) generator.
     log(f'Loading "{resume_pkl}"...')
@@ -415,6 +431,7 @@ def training_loop(
         # Adapter gradients, summed over processes; Adam step; AdaLoRA budget and masks.
         all_reduce_gradients(trainable, num_gpus)
         optimizer.step()
+        log_op_fallbacks()
         if allocator is not None:
             allocator.update_and_mask(G, step)
         step += 1

@@ -92,3 +92,25 @@ def test_kimg_tags_and_chunk_seeds():
     assert tl.kimg_tag(500000) == '000500' and tl.kimg_tag(120) == '000000.120' and tl.kimg_tag(1500) == '000001.500'
     assert tl.chunk_seed(0, 3, 1) == tl.chunk_seed(0, 3, 1)
     assert len({tl.chunk_seed(s, k, c) for s in range(2) for k in range(3) for c in range(3)}) == 18
+
+
+def test_unknown_options_are_an_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_sizes'"):
+        tl.training_loop(batch_sizes=4)
+    with pytest.raises(ValueError, match=r"metrics=\['fid50k_full'\]"):
+        tl.training_loop(metrics=['fid50k_full'])
+
+
+def test_op_fallback_goes_to_the_log_and_tf32_follows_the_option(identity, tmp_path, monkeypatch):
+    """A CUDA plugin the ops fell back from (here: recorded as failed to build) is named in log.txt with its reason."""
+    from torch_utils import custom_ops
+    monkeypatch.setattr(custom_ops, '_failed', {'upfirdn2d_plugin': 'the compiler failed (build directory /x)'})
+    try:
+        _run(tmp_path, identity, adapter_config=dict(r=1), batch_size=1, total_kimg=0.002, kimg_per_tick=0.001,
+             allow_tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('CUDA plugin "upfirdn2d_plugin" is unavailable') == 1  # once, not at every step
+    assert 'EG3D_OPS_IMPL=cuda' in log and 'Reason: the compiler failed (build directory /x)' in log
