@@ -45,6 +45,16 @@ def _spatial_dot(a, b):
     return torch.einsum('ncp,ncp->nc', a.reshape(N, C, -1), b.reshape(N, C, -1))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _wide(t):
+    """t in float32 if it is float16 / bfloat16. Factor gradients are sums over every pixel of the batch:
+    in fp16 blocks (no loss scaling) a half-precision result overflows or flushes to zero, so they are
+    accumulated and returned in float32, the precision of the factors themselves."""
+    return t.float() if t.dtype in _HALF else t
+
+
 class _Modulate(torch.autograd.Function):
     """x * styles per input channel. The styles' gradient is a batched dot product rather than
     autograd's full-size product tensor summed over H, W."""
@@ -246,7 +256,7 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
         grad_h = torch.bmm(B.expand(N, -1, -1).transpose(1, 2), g3)
         grad_B = grad_A = grad_xs = None
         if ctx.needs_input_grad[3]:
-            grad_B = torch.bmm(g3, h.transpose(1, 2))
+            grad_B = torch.bmm(_wide(g3), _wide(h).transpose(1, 2))
             grad_B = (grad_B.sum(0) if shared else grad_B).to(factor_dtype)
         grad_h = grad_h.reshape(N, R, *grad.shape[2:])
         w = weight.to(x.dtype)
@@ -256,9 +266,14 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
             xs = x if s is None else x * s.unsqueeze(-1)  # narrow: recomputing xs is cheap
             thin = taps.reshape(R, kh * kw, I).transpose(1, 2).reshape(R, I, kh, kw)
             thin = thin if flip_weight else thin.flip([2, 3])
+            half = x.dtype in _HALF  # then the weight gradient is taken apart, in float32 (`_wide`)
             grad_xs_thin, grad_thin, _ = torch.ops.aten.convolution_backward(
                 grad_h, xs, thin, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-                [needs_xs_grad, ctx.needs_input_grad[2], False])
+                [needs_xs_grad, ctx.needs_input_grad[2] and not half, False])
+            if ctx.needs_input_grad[2] and half:
+                grad_thin = torch.ops.aten.convolution_backward(
+                    _wide(grad_h), _wide(xs), _wide(thin), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                    [False, True, False])[1]
             if ctx.needs_input_grad[2]:
                 grad_A = (grad_thin if flip_weight else grad_thin.flip([2, 3])).reshape(R, -1).to(factor_dtype)
             if needs_xs_grad:
@@ -267,7 +282,7 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
             grad_z = _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight)
             if ctx.needs_input_grad[2]:
                 # dL/dtaps = dL/dz @ xs^T = (dL/dz @ x^T) * s per sample
-                grad_taps = torch.bmm(grad_z, x.reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
+                grad_taps = torch.bmm(_wide(grad_z), _wide(x).reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
                 if s is not None:
                     grad_taps.mul_(s.transpose(1, 2))
                 grad_taps = grad_taps.sum(0) if shared else grad_taps
@@ -333,7 +348,9 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     O, I, kh, kw = weight.shape
     geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
     frozen = (dropout is None and not weight.requires_grad and A.shape[-2] > 0)
-    merged = frozen and A.ndim == 2 and _trains_through_merged_weight(I, O, A.shape[0], kh * kw)
+    # Never in half precision: the merged weight's gradient would be a half-precision sum over all pixels.
+    merged = (frozen and A.ndim == 2 and x.dtype not in _HALF
+              and _trains_through_merged_weight(I, O, A.shape[0], kh * kw))
     if frozen and not merged and up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
         return _StrideOneAdaptedConv.apply(x, styles, A, B, weight, padding, flip_weight)
     if styles is not None:
@@ -346,9 +363,14 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     # Resampling, dropout or an unfrozen base: plain autograd over the base and the branch.
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
     N = y.shape[0]
-    _, h = _thin_branch(dropout(x) if dropout is not None else x, A, kh, kw, **geometry)
+    branch_input = dropout(x) if dropout is not None else x
     out = y.reshape(N, O, -1)
-    out.baddbmm_(B.to(x.dtype).expand(N, -1, -1), h)  # in place: no second full-size tensor
+    if x.dtype in _HALF:  # the branch in float32, so that autograd sums the factor gradients in float32 (`_wide`)
+        _, h = _thin_branch(_wide(branch_input), A, kh, kw, **geometry)
+        out.add_(torch.bmm(B.expand(N, -1, -1), h).to(out.dtype))
+    else:
+        _, h = _thin_branch(branch_input, A, kh, kw, **geometry)
+        out.baddbmm_(B.to(x.dtype).expand(N, -1, -1), h)  # in place: no second full-size tensor
     return out.reshape(y.shape)
 
 

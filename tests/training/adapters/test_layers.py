@@ -461,3 +461,37 @@ def test_in_place_epilogue_equals_bias_act(activation, clamp, demodulate, per_sa
         for label, g, w in zip(['x', 'styles', 'A', 'B', 'noise', 'bias'], grads, wants):
             assert g.abs().sum() > 0, label
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=label)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)], ids=['fp16', 'bf16'])
+@pytest.mark.parametrize('geometry,in_channels', [('stride1', 64), ('stride1', 2), ('up2', 8)],
+                         ids=['stride1-wide', 'stride1-narrow', 'up2'])
+@pytest.mark.parametrize('per_sample', [False, True], ids=['shared', 'per-sample'])
+def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol, geometry, in_channels, per_sample):
+    """In fp16 blocks (no loss scaling) the factor gradients, sums over every pixel, stay finite float32 and
+    match a float64 computation on the same half-precision inputs; the fp16 sums overflowed to inf here."""
+    from torch_utils.ops import upfirdn2d
+    from training.adapters import layers
+    g = torch.Generator().manual_seed(0)
+    N, O, R, k, res = 2, 6, 3, 3, 16
+    lead = [N] if per_sample else []
+    x = (torch.randn(N, in_channels, res, res, generator=g) * 4).to(dtype)
+    W = torch.randn(O, in_channels, k, k, generator=g)
+    A = torch.randn(*lead, R, in_channels * k * k, generator=g) * 0.5
+    B = torch.randn(*lead, O, R, generator=g) * 0.5
+    styles = torch.rand(N, in_channels, generator=g) + 0.5
+    geometry_kwargs = dict(up=2, padding=1, f=upfirdn2d.setup_filter([1, 3, 3, 1])) if geometry == 'up2' else dict(padding=1)
+    out_res = 2 * res if geometry == 'up2' else res
+    probe = torch.randn(N, O, out_res, out_res, generator=g) * 1e3  # a large upstream gradient
+
+    def factor_grads(x, W, A, B, styles):
+        A, B = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        y = layers._adapted_conv(x, W, A, B, styles=styles, **geometry_kwargs)  # pylint: disable=protected-access
+        y.backward(probe.to(y.dtype))
+        return A.grad, B.grad
+
+    got = factor_grads(x, W, A, B, styles)
+    want = factor_grads(x.double(), W.double(), A.double(), B.double(), styles.double())
+    for label, a, b in zip(['A', 'B'], got, want):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), label
+        assert (a.double() - b).abs().max() <= tol * b.abs().max(), label
