@@ -96,15 +96,22 @@ def set_full_finetuning(G: torch.nn.Module, freeze_render: bool) -> list:
     return params
 
 
-def all_reduce_gradients(params: list, num_gpus: int) -> None:
-    """Sum gradients over processes (the loss is already scaled to a global-batch mean), NaN-safe."""
+def all_reduce_gradients(params: list, num_gpus: int) -> torch.Tensor:
+    """Sum gradients over processes (the loss is already scaled to a global-batch mean).
+
+    Returns how many gradient entries were NaN or +-inf (a 0-dim tensor, the same on every process;
+    no device sync here). Those entries are then replaced as EG3D does (NaN by 0, +-inf by +-1e5), so
+    one bad sample does not destroy the adapters; the training loop reports the count per tick.
+    """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     if num_gpus > 1:
         torch.distributed.all_reduce(flat)
+    nonfinite = flat.numel() - torch.isfinite(flat).sum()
     misc.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
     for param, piece in zip(params, flat.split([p.numel() for p in params])):
         param.grad = piece.reshape(param.shape)
+    return nonfinite
 
 
 def grid_indices(identity: np.ndarray, count: int) -> np.ndarray:
@@ -397,6 +404,7 @@ def training_loop(
     tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
     sums: dict = {}
     identity_sums = np.zeros([2, K])  # per identity: sum of per-sample losses, number of samples
+    nonfinite = torch.zeros([2], dtype=torch.int64, device=device)  # in this tick: entries, steps with any
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     done = cur_nimg >= total_nimg
@@ -429,7 +437,8 @@ def training_loop(
             step_terms['total'] += float(orth.detach()) / num_gpus
 
         # Adapter gradients, summed over processes; Adam step; AdaLoRA budget and masks.
-        all_reduce_gradients(trainable, num_gpus)
+        bad = all_reduce_gradients(trainable, num_gpus)
+        nonfinite += torch.stack([bad, (bad > 0).long()])
         optimizer.step()
         log_op_fallbacks()
         if allocator is not None:
@@ -460,6 +469,7 @@ def training_loop(
                  'sec_per_tick': tick_time, 'sec_per_kimg': tick_time / max(tick_kimg, 1e-9),
                  'sec_per_step': tick_time / max(step - tick_start_step, 1), 'lr': G_opt_kwargs['lr']}
         stats.update({f'loss/{n}': v for n, v in values.items()})
+        stats['grad/nonfinite_entries'], stats['grad/nonfinite_steps'] = (int(v) for v in nonfinite.tolist())
         if training_set.multi:  # mean total loss of each identity's samples in this tick
             stats.update({f'identity/{name}/loss': float(per_identity[0, k] / max(per_identity[1, k], 1))
                           for k, name in enumerate(identity_names)})
@@ -475,6 +485,9 @@ def training_loop(
                     if key not in ('tick', 'kimg', 'step', 'timestamp'):
                         tb_writer.add_scalar(key, value, global_step=cur_nimg)
                 tb_writer.flush()
+            if stats['grad/nonfinite_steps'] > 0:
+                log(f'Warning: {stats["grad/nonfinite_steps"]} step(s) of this tick had NaN/inf gradients '
+                    f'({stats["grad/nonfinite_entries"]} entries, replaced: NaN by 0, inf by +-1e5)')
             loss_parts = ' '.join(f'{n} {v:.4f}' for n, v in values.items() if n != 'total')
             log(f'tick {stats["tick"]:<4d} kimg {cur_nimg / 1000:<8.3f} step {step:<6d} '
                 f'time {dnnlib.util.format_time(time.time() - start_time):<10s} sec/kimg {stats["sec_per_kimg"]:<8.2f} '
@@ -484,6 +497,7 @@ def training_loop(
             save_snapshot()
         sums = {}
         identity_sums[:] = 0
+        nonfinite.zero_()
         tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
 
     bar.close()
