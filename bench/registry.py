@@ -6,11 +6,13 @@
 Writes `--files` adapter files (default config: rank 1 on synthesis and superresolution, random
 factors, one file per identity) to a temporary folder, then loads all of them, in turn, into an
 `AdapterRegistry` of `--capacity` slots: once the slots are full every load evicts the least
-recently used identity, i.e. is a swap. Reports the time to write a file, the time of a swap
-(evict + load, wall clock), the time of an evict alone, the process's resident memory at every
-tenth of the swaps, the number of passes over the base's weights (sha256) during all of it, and the
-time of `--renders` renders of a mixed batch of `--render-batch` loaded identities. Weights are
-random (no download); timings do not depend on them. Prints markdown.
+recently used identity, i.e. is a swap (`--rounds` > 1 goes through the files again). Reports the
+time to write a file, the time of a swap (evict + load; wall clock, and the process's CPU time,
+which on a shared machine leaves out the time spent waiting for a core), the time of an evict
+alone, the process's resident memory at every tenth of the swaps, the number of passes over the
+base's weights (sha256) during all of it, and the time of `--renders` renders of a mixed batch of
+`--render-batch` loaded identities. Weights are random (no download); timings do not depend on
+them. Prints markdown.
 """
 
 from __future__ import annotations
@@ -79,11 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--files', type=int, default=1000)
     parser.add_argument('--capacity', type=int, default=16)
+    parser.add_argument('--rounds', type=int, default=1, help='times every file is loaded (in turn)')
     parser.add_argument('--renders', type=int, default=2, help='mixed-batch renders timed at the end')
     parser.add_argument('--render-batch', type=int, default=2)
     parser.add_argument('--folder', default=None, help='where to write the files (default: a temporary folder, removed)')
     args = parser.parse_args()
 
+    load_before = ' '.join(f'{v:.1f}' for v in os.getloadavg())
     torch.manual_seed(0)
     G = TriPlaneGenerator(**configs.generator_kwargs('ffhq', 512)).eval().requires_grad_(False)
     base_mib = sum(p.numel() * p.element_size() for p in G.parameters()) / 2**20
@@ -96,13 +100,15 @@ def main() -> None:
         file_mib = statistics.mean(os.path.getsize(p) for p in paths) / 2**20
 
         registry = AdapterRegistry(G, capacity=args.capacity)
-        load_s, swap_s, rss = [], [], []
+        load_s, swap_s, swap_cpu_s, rss = [], [], [], []
         gc.collect()
-        for k, path in enumerate(paths):
-            t0 = time.perf_counter()
-            registry.load(f'id{k}', path)
+        for k in range(len(paths) * args.rounds):
+            t0, c0 = time.perf_counter(), time.process_time()
+            registry.load(f'id{k % len(paths)}', paths[k % len(paths)])
             (swap_s if k >= args.capacity else load_s).append(time.perf_counter() - t0)
-            if (k + 1) % max(len(paths) // 10, 1) == 0:
+            if k >= args.capacity:
+                swap_cpu_s.append(time.process_time() - c0)
+            if (k + 1) % max(len(paths) * args.rounds // 10, 1) == 0:
                 rss.append((k + 1, rss_mib()))
         evict_s = []
         for name in registry.names[:args.capacity // 2]:
@@ -125,7 +131,7 @@ def main() -> None:
             shutil.rmtree(folder)
 
     print(f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch '
-          f'{torch.__version__}, {torch.get_num_threads()} threads; load average after: '
+          f'{torch.__version__}, {torch.get_num_threads()} threads; load average before: {load_before}, after: '
           f'{" ".join(f"{v:.1f}" for v in os.getloadavg())}')
     print(f'FFHQ 512 base: {base_mib:.0f} MiB of parameters; {len(paths)} adapter files of {file_mib:.2f} MiB '
           f'(AdapterConfig() defaults); registry capacity {args.capacity}.\n')
@@ -134,6 +140,7 @@ def main() -> None:
     print(f'| save a file | {len(save_s)} | {quantiles(save_s)} |')
     print(f'| load into a free slot | {len(load_s)} | {quantiles(load_s)} |')
     print(f'| swap (evict LRU + load) | {len(swap_s)} | {quantiles(swap_s)} |')
+    print(f'| swap, process CPU time | {len(swap_cpu_s)} | {quantiles(swap_cpu_s)} |')
     print(f'| evict | {len(evict_s)} | {quantiles(evict_s)} |')
     if render_s:
         print(f'| render a mixed batch of {len(names)} (512 px) | {len(render_s)} | {quantiles(render_s)} |')
