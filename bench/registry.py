@@ -143,7 +143,8 @@ def main() -> None:
     print(f'| swap, process CPU time | {len(swap_cpu_s)} | {quantiles(swap_cpu_s)} |')
     print(f'| evict | {len(evict_s)} | {quantiles(evict_s)} |')
     if render_s:
-        print(f'| render a mixed batch of {len(names)} (512 px, neural rendering {G.neural_rendering_resolution}) | {len(render_s)} | {quantiles(render_s)} |')
+        what = f'render a mixed batch of {len(names)} (512 px, neural rendering {G.neural_rendering_resolution})'
+        print(f'| {what} | {len(render_s)} | {quantiles(render_s)} |')
     print(f'\nPasses over the base\'s weights (sha256) in all of it: {len(hashes)}.')
     print('Resident memory (MiB) after N loads: ' + ', '.join(f'{n}: {m:.0f}' for n, m in rss))
     print(f'Change from the first to the last reading: {rss[-1][1] - rss[0][1]:+.1f} MiB.')
