@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=1, help='times every file is loaded (in turn)')
     parser.add_argument('--renders', type=int, default=2, help='mixed-batch renders timed at the end')
     parser.add_argument('--render-batch', type=int, default=2)
-    parser.add_argument('--folder', default=None, help='where to write the files (default: a temporary folder, removed)')
+    parser.add_argument('--folder', default=None,
+                        help='where to write the files (default: a temporary folder, removed)')
     args = parser.parse_args()
 
     load_before = ' '.join(f'{v:.1f}' for v in os.getloadavg())

@@ -97,7 +97,8 @@ def test_env_cuda_makes_the_fallback_an_error(op, cuda_visible, monkeypatch, tmp
     for _ in range(2):  # the remembered failure raises too
         with warnings.catch_warnings():
             warnings.simplefilter('error')
-            with pytest.raises(custom_ops.PluginUnavailable, match=f'{name}.*EG3D_OPS_IMPL=cuda forbids.*compiler failed'):
+            expected = f'{name}.*EG3D_OPS_IMPL=cuda forbids.*compiler failed'
+            with pytest.raises(custom_ops.PluginUnavailable, match=expected):
                 op._cuda_available()
     assert 'the compiler failed' in custom_ops.unavailable_plugins()[name]
 

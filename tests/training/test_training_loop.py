@@ -120,7 +120,8 @@ def test_op_fallback_goes_to_the_log_and_tf32_follows_the_option(identity, tmp_p
 
 
 def test_nonfinite_gradients_are_counted_and_reported(identity, tmp_path, monkeypatch):
-    """A NaN and an inf in one step's adapter gradients: stats.jsonl and log.txt report them; the adapters stay finite."""
+    """A NaN and an inf in one step's adapter gradients: stats.jsonl and log.txt report them; the adapters
+    stay finite."""
     from training import adapters
     real = adapters.trainable_parameters
     poisoned = []

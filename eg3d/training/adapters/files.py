@@ -60,8 +60,8 @@ def _state_key(params: List[Tuple[str, torch.Tensor]]) -> tuple:
     """What changes whenever a weight does: in-place writes bump a tensor's version counter, and
     replacing a tensor (or its `.data`) changes its storage. Writes through `.data` bypass the version
     counter: after those, call `forget_fingerprint`."""
-    return tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape), str(p.device))  # pylint: disable=protected-access
-                 for name, p in params)
+    # pylint: disable-next=protected-access
+    return tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape), str(p.device)) for name, p in params)
 
 
 def forget_fingerprint(G: torch.nn.Module) -> None:

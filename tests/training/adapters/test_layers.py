@@ -480,7 +480,8 @@ def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol
     A = torch.randn(*lead, R, in_channels * k * k, generator=g) * 0.5
     B = torch.randn(*lead, O, R, generator=g) * 0.5
     styles = torch.rand(N, in_channels, generator=g) + 0.5
-    geometry_kwargs = dict(up=2, padding=1, f=upfirdn2d.setup_filter([1, 3, 3, 1])) if geometry == 'up2' else dict(padding=1)
+    up2 = dict(up=2, padding=1, f=upfirdn2d.setup_filter([1, 3, 3, 1]))
+    geometry_kwargs = up2 if geometry == 'up2' else dict(padding=1)
     out_res = 2 * res if geometry == 'up2' else res
     probe = torch.randn(N, O, out_res, out_res, generator=g) * 1e3  # a large upstream gradient
 
