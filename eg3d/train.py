@@ -187,6 +187,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--sr_num_fp16_res', help="fp16 resolutions in superresolution  [default: the pickle's]", metavar='INT', type=click.IntRange(min=0))
 @click.option('--g_num_fp16_res',  help="fp16 resolutions in the backbone  [default: the pickle's]", metavar='INT', type=click.IntRange(min=0))
 @click.option('--device',       help='cuda or cpu  [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+@click.option('--allow-tf32', 'allow_tf32', help='TF32 matmuls and convolutions on Ampere and newer GPUs (faster, less precise)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--nobench',      help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers',      help='Accepted for EG3D compatibility; the identity is held in memory', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--metrics',      help="Quality metrics: only 'none' (no FID/KID here)", metavar='[NAME|A,B,C|none]', type=parse_comma_separated_list, default='none', show_default=True)
@@ -333,7 +334,7 @@ def main(**kwargs):
         total_kimg=opts.kimg, kimg_per_tick=opts.tick, network_snapshot_ticks=opts.snap,
         batch_size=opts.batch, batch_gpu=batch_gpu, random_seed=opts.seed, num_gpus=num_gpus,
         device=device, workers=opts.workers, cudnn_benchmark=not opts.nobench, progress_bar=opts.progress, grid_rows=opts.grid,
-        metrics=[],
+        allow_tf32=opts.allow_tf32, metrics=[],
     )
     desc = f'{opts.cfg}-{dataset_name}-gpus{num_gpus}-batch{opts.batch}-{mode}'
     if opts.desc:

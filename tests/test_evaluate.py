@@ -86,13 +86,33 @@ def random_arcface(tmp_path_factory):
     return path
 
 
-def test_identity_similarity_with_arcface_weights(tiny_identity, random_arcface, tmp_path):
+def _cosine(a, b):
+    a, b = a.flatten(1), b.flatten(1)
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).tolist()
+
+
+def test_identity_similarity_with_arcface_weights(tiny_identity, models, random_arcface, tmp_path):
     result = run(['--dataset', tiny_identity / 'heldout', '--base', tiny_identity / 'base.pkl', '--id_model', random_arcface,
-                  '--novel-yaws=0.3', '--outdir', tmp_path, *FAST])
+                  '--network', models / 'person.pkl', '--novel-yaws=0.3', '--outdir', tmp_path, *FAST])
     assert result.exit_code == 0, result.output
-    per_image = json.loads((tmp_path / 'metrics.json').read_text())['per_image']['base']
-    assert len(per_image['id']) == 2 and len(per_image['id_novel']) == 2
-    assert all(-1 <= v <= 1 for v in per_image['id'] + per_image['id_novel'])
+    per_image = json.loads((tmp_path / 'metrics.json').read_text())['per_image']
+    assert len(per_image['base']['id']) == 2 and len(per_image['base']['id_novel']) == 2
+    # The base's similarity, recomputed here: its render at each photo's camera (seed 0, 32 px neural
+    # rendering) against the photo, through ArcFace on 112 x 112 average-pooled images.
+    from training.arcface import IRSE50
+    from training.dataset import read_identity
+    G = inf.load_generator(tiny_identity / 'base.pkl')
+    _, images, cameras, latents = read_identity(str(tiny_identity / 'heldout'), resolution=G.img_resolution,
+                                                num_ws=G.backbone.num_ws, w_dim=G.w_dim)
+    photos = torch.from_numpy(images).float() / 127.5 - 1
+    with torch.no_grad():
+        renders = inf.render(G, torch.from_numpy(latents), torch.from_numpy(cameras), 32, seed=0).clamp(-1, 1)
+        arcface = IRSE50.load(str(random_arcface), torch.device('cpu'))
+        embed = lambda x: arcface(torch.nn.functional.adaptive_avg_pool2d(x, (112, 112)))
+        expected = _cosine(embed(renders), embed(photos))
+    assert per_image['base']['id'] == pytest.approx(expected, abs=1e-5)
+    # The person renders (almost) the photos themselves: more similar than the base, image by image.
+    assert all(p > 0.99 and p > b for p, b in zip(per_image['network person']['id'], per_image['base']['id']))
     assert 'ID sim. novel poses' in (tmp_path / 'metrics.md').read_text()
 
 

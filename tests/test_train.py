@@ -45,6 +45,7 @@ def test_the_users_command_parses_exactly_as_written(identity, tmp_path, monkeyp
     assert c.adapter_config['r'] == 1 and c.adapter_config['alpha'] == 1 and c.adapter_config['adalora'] is False
     assert c.adapter_config['targets'] == ['synthesis', 'superresolution']
     assert c.loss_kwargs.lpips_net == 'alex' and c.G_opt_kwargs.lr == 0.0025 and c.G_opt_kwargs.betas == [0, 0.99]
+    assert c.allow_tf32 is False  # official numerics unless asked
     assert captured['desc'] == 'ffhq-train-gpus4-batch4-lora1'
 
 
@@ -59,12 +60,12 @@ def test_the_users_command_parses_exactly_as_written(identity, tmp_path, monkeyp
      and c.adapter_config['conv_factorization'] == 'standard' and c.adapter_config['dropout'] == 0.1),
     (['--kimg=0.02', '--tick=0.004', '--batch=2', '--batch-gpu=1', '--glr=0.01', '--betas=0.5,0.9', '--seed=3',
       '--mirror=true', '--density_reg=0', '--density_reg_every=8', '--g_num_fp16_res=2', '--sr_num_fp16_res=4',
-      '--nobench=1', '--workers=3', '--metrics=none', '--desc=x', '--lpips=alex-random'],
+      '--nobench=1', '--workers=3', '--metrics=none', '--desc=x', '--lpips=alex-random', '--allow-tf32=true'],
      lambda c: c.total_kimg == 0.02 and c.kimg_per_tick == 0.004 and c.batch_gpu == 1 and c.G_opt_kwargs.lr == 0.01
      and c.G_opt_kwargs.betas == [0.5, 0.9] and c.random_seed == 3 and c.training_set_kwargs.xflip
      and c.training_set_kwargs.max_size == 8 and c.loss_kwargs.density_reg == 0
      and c.density_reg_every == 8 and c.g_num_fp16_res == 2 and c.sr_num_fp16_res == 4
-     and c.cudnn_benchmark is False and c.loss_kwargs.lpips_net == 'alex-random'),
+     and c.cudnn_benchmark is False and c.loss_kwargs.lpips_net == 'alex-random' and c.allow_tf32 is True),
 ])
 def test_options(identity, tmp_path, monkeypatch, flags, check):
     captured = {}
@@ -168,8 +169,12 @@ def _heldout_loss(G, person):
     return float(np.mean(losses))
 
 
-def test_end_to_end_lora_recovers_the_person(person, tmp_path):
-    """Rank-1 LoRA on the unchanged base, ~1 CPU-minute: held-out loss at least halves; files reload identically."""
+@pytest.mark.parametrize('conv_path', ['auto', 'branch'])
+def test_end_to_end_lora_recovers_the_person(person, tmp_path, monkeypatch, conv_path):
+    """Rank-1 LoRA on the unchanged base, ~1 CPU-minute: held-out loss at least halves; files reload identically.
+    'auto': the tiny config's narrow layers train through the merged weight; 'branch': through the low-rank
+    branch, the path of every FFHQ 512 layer (EG3D_ADAPTER_CONV_PATH)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', conv_path)
     outdir = tmp_path / 'runs'
     args = [f'--outdir={outdir}', f'--data={person.train}', f'--resume={person.base_pkl}', '--lora=1', '--batch=1',
             f'--kimg={E2E_STEPS / 1000}', f'--tick={E2E_STEPS / 2000}', '--snap=2', '--glr=0.01', '--density_reg=0',

@@ -1,4 +1,5 @@
 """Data-parallel personalization on CPU (gloo): 2 processes equal 1 process with the same global batch."""
+import glob
 import json
 import os
 import socket
@@ -77,20 +78,90 @@ def test_torchrun_launch_equals_one_process(identity, single_process_run, tmp_pa
     assert 'identical on all 2 processes' in log
 
 
-def test_multi_identity_run_on_two_processes_equals_one_process(tmp_path_factory, tmp_path):
-    """Two identities, global batch 4 in passes of 1 (each pass one identity): per-identity adapters and stats agree."""
+# --- gradient scale ---------------------------------------------------------------------------------
+# Adam hardly changes when every gradient is scaled, so the runs above would not notice gradients
+# summed instead of averaged over processes. With beta1 = 0 and an eps far above every |gradient|,
+# Adam's update is lr / eps * gradient: plain SGD, here with step size SGD_LR. An adapter's change
+# between snapshots is then -SGD_LR times the gradient of that step, so comparing the changes compares
+# the gradients themselves. (A factor moves only once B is non-zero: the step is large enough for A's
+# second-step change to stand well above float32 rounding.)
+SGD_EPS = 1e4
+SGD_LR = 300.0
+LAUNCH_TRAINING = train.launch_training  # the real launcher (tests capture the options by replacing it)
+
+
+def _sgd_adapters(data, base_pkl, outdir, gpus, batch, monkeypatch):
+    """{file name: tensors} of the adapter files of a 2-step run (train.py's options and launcher, Adam
+    turned into SGD) on 1 or 2 processes."""
+    captured = {}
+    monkeypatch.setattr(train, 'launch_training', lambda c, desc, outdir, dry_run: captured.update(c=c, desc=desc))
+    args = [f'--outdir={outdir}', f'--data={data}', f'--resume={base_pkl}', '--cfg=resume', '--device=cpu', '--lora=1',
+            f'--batch={batch}', '--batch-gpu=1', f'--kimg={2 * batch / 1000}', f'--tick={batch / 1000}', '--snap=1',
+            '--density_reg=0', '--lpips=alex-random', '--neural_rendering_resolution_initial=32', '--grid=0',
+            '--progress=False', f'--gpus={gpus}']
+    result = CliRunner().invoke(train.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    c = captured['c']
+    c.G_opt_kwargs.update(lr=SGD_LR * SGD_EPS, betas=[0, 0.99], eps=SGD_EPS)
+    LAUNCH_TRAINING(c, captured['desc'], str(outdir), dry_run=False)
+    run = os.path.join(outdir, os.listdir(outdir)[0])
+    files = [os.path.join(folder, name) for folder in (run, os.path.join(run, 'adapters')) if os.path.isdir(folder)
+             for name in sorted(os.listdir(folder)) if name.endswith('.safetensors')]
+    return {os.path.basename(path): load_file(path) for path in files}
+
+
+def _updates(files):
+    """{(adapter, tag, tensor): (change since the adapter's previous snapshot, value)} (B starts at zero; A
+    does not move in the first step, where B = 0, so its first change is taken from zero and ignored)."""
+    out, previous = {}, {}
+    for name in sorted(files):
+        adapter, tag = name[:-len('.safetensors')].rsplit('-', 1)
+        for key, tensor in files[name].items():
+            out[(adapter, tag, key)] = tensor - previous.get((adapter, key), torch.zeros_like(tensor)), tensor
+            previous[(adapter, key)] = tensor
+    return out
+
+
+def _assert_same_gradients(two, one):
+    """Every update (a gradient times the step) equal to within 1% of its largest entry, plus the float32
+    rounding of the factor it was taken from (the second step starts from first steps that differ in
+    rounding, and the summation order over processes differs). Every B and A factor moved by far more
+    than that, so gradients scaled by 2 (or by 1.1) fail."""
+    assert two.keys() == one.keys() and len(one) >= 2
+    a, b = _updates(two), _updates(one)
+    assert a.keys() == b.keys()
+    first = min(tag for _, tag, _ in b)
+    updates = [key for key in b if not (key[2].endswith('lora_A') and key[1] == first)]  # not the initial A
+    for key in updates:
+        (got, _), (want, value) = a[key], b[key]
+        noise = 1e-2 * float(want.abs().max()) + 1e-6 * float(value.abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=noise, msg=lambda m, key=key: f'{key}: {m}')
+    for factor in ('lora_A', 'lora_B'):
+        moved = {key[2] for key in updates if key[2].endswith(factor)
+                 and b[key][0].abs().max() > 1e-4 * b[key][1].abs().max()}
+        assert moved == {key[2] for key in b if key[2].endswith(factor)}, factor
+
+
+@pytest.mark.parametrize('conv_path', ['auto', 'branch'])
+def test_two_processes_compute_the_gradients_of_one(identity, tmp_path, monkeypatch, conv_path):
+    """Single identity, batch 2 in passes of 1. 'auto': the tiny layers train through the merged weight;
+    'branch': through the low-rank branch, as every FFHQ 512 layer (EG3D_ADAPTER_CONV_PATH)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', conv_path)
+    one, two = (_sgd_adapters(identity.train, identity.base_pkl, tmp_path / f'gpus{g}', g, 2, monkeypatch)
+                for g in (1, 2))
+    _assert_same_gradients(two, one)
+
+
+def test_two_processes_compute_the_gradients_of_one_with_two_identities(tmp_path_factory, tmp_path, monkeypatch):
+    """Two identities in balanced batches of 4 (passes of 1, each one identity; per-sample adapters take the
+    low-rank branch): per-identity gradients and per-identity loss statistics agree."""
     people = si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'synthetic-people-2'), count=2, views=4, heldout=2,
                                 strength=0.3)
-    runs = {}
-    for gpus in (1, 2):
-        outdir = tmp_path / f'gpus{gpus}'
-        args = _args(people, outdir, kimg=0.004, data=people.people, batch=4)
-        result = CliRunner().invoke(train.main, args + [f'--gpus={gpus}', '--tick=0.004'], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        runs[gpus] = os.path.join(outdir, sorted(os.listdir(outdir))[0])
+    one, two = (_sgd_adapters(people.people, people.base_pkl, tmp_path / f'gpus{g}', g, 4, monkeypatch) for g in (1, 2))
+    assert len(one) == 4  # 2 identities x 2 snapshots
+    _assert_same_gradients(two, one)
+    stats = [[json.loads(line) for line in open(glob.glob(str(tmp_path / f'gpus{g}' / '*' / 'stats.jsonl'))[0])]
+             for g in (1, 2)]
     for name in people.names:
-        one, two = (load_file(os.path.join(runs[g], 'adapters', f'{name}-000000.004.safetensors')) for g in (1, 2))
-        _assert_close(two, one)
-    stats = [json.loads(open(os.path.join(runs[g], 'stats.jsonl')).readline()) for g in (1, 2)]
-    for name in people.names:
-        assert stats[1][f'identity/{name}/loss'] == pytest.approx(stats[0][f'identity/{name}/loss'], rel=1e-5)
+        for tick_one, tick_two in zip(*stats):
+            assert tick_two[f'identity/{name}/loss'] == pytest.approx(tick_one[f'identity/{name}/loss'], rel=1e-5)

@@ -13,11 +13,8 @@ import glob
 import hashlib
 import importlib
 import io
-import operator
 import os
-import pickle
 import re
-import shutil
 import sys
 import tempfile
 import types
@@ -107,18 +104,8 @@ class Logger:
 
 # Cache directory.
 
-_dnnlib_cache_dir: Optional[str] = None
-
-
-def set_cache_dir(path: Optional[str]) -> None:
-    global _dnnlib_cache_dir
-    _dnnlib_cache_dir = path
-
-
 def make_cache_dir_path(*paths: str) -> str:
-    """Path inside the cache dir: `set_cache_dir()`, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
-    if _dnnlib_cache_dir is not None:
-        return os.path.join(_dnnlib_cache_dir, *paths)
+    """Path inside the cache dir: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
     if 'DNNLIB_CACHE_DIR' in os.environ:
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
     for home_var in ('HOME', 'USERPROFILE'):  # POSIX, then Windows
@@ -160,18 +147,6 @@ def format_time_brief(seconds: Union[int, float]) -> str:
     if days == 0:
         return f'{hrs}h {mins:02}m'
     return f'{days}d {hrs:02}h'
-
-
-def tuple_product(t: Tuple) -> Any:
-    return functools.reduce(operator.mul, t, 1)
-
-
-def is_pickleable(obj: Any) -> bool:
-    try:
-        pickle.dumps(obj)
-    except Exception:
-        return False
-    return True
 
 
 # Looking up objects by dotted name.
@@ -248,28 +223,6 @@ def construct_class_by_name(*args, class_name: Optional[str] = None, **kwargs) -
     if class_name is None:
         raise ValueError('construct_class_by_name() needs class_name')
     return call_func_by_name(*args, func_name=class_name, **kwargs)
-
-
-def get_module_dir_by_obj_name(obj_name: str) -> str:
-    import inspect
-    module, _ = get_module_from_obj_name(obj_name)
-    return os.path.dirname(inspect.getfile(module))
-
-
-def is_top_level_function(obj: Any) -> bool:
-    """A callable reachable under its own name from its module's namespace."""
-    if not callable(obj):
-        return False
-    return obj.__name__ in vars(sys.modules[obj.__module__])
-
-
-def get_top_level_function_name(obj: Any) -> str:
-    if not is_top_level_function(obj):
-        raise ValueError(f'{obj!r} is not a top-level function')
-    module_name = obj.__module__
-    if module_name == '__main__':  # name the script's file instead
-        module_name = os.path.splitext(os.path.basename(sys.modules['__main__'].__file__))[0]
-    return f'{module_name}.{obj.__name__}'
 
 
 # Files and URLs.
@@ -356,15 +309,6 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 3, v
         if return_filename:
             return cache_file
     return io.BytesIO(data)
-
-
-def copy_files_and_create_dirs(files) -> None:
-    """Copy (src, dst) pairs, creating destination directories as needed."""
-    for src, dst in files:
-        dst_dir = os.path.dirname(dst)
-        if dst_dir:
-            os.makedirs(dst_dir, exist_ok=True)
-        shutil.copyfile(src, dst)
 
 
 @contextlib.contextmanager

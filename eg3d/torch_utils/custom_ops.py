@@ -3,8 +3,9 @@
 `get_plugin()` builds an extension with `torch.utils.cpp_extension.load` (ninja) into a cache
 directory keyed by a hash of the sources, the build options and the torch / CUDA / Python / GPU
 architecture versions, and raises `PluginUnavailable` with a readable reason on failure.
-The ops call `load_plugin()` instead, which never raises: it returns None and warns once per
-plugin, so they fall back to their reference implementations. See docs/cuda_ops.md.
+The ops call `load_plugin()` instead, which returns None and warns once per plugin, so they fall
+back to their reference implementations; EG3D_OPS_IMPL=cuda turns that fallback into an error.
+See docs/cuda_ops.md.
 """
 
 import hashlib
@@ -21,7 +22,7 @@ import torch
 
 verbosity = 'brief'  # Build messages: 'none', 'brief' (one line per plugin) or 'full' (compiler output).
 
-IMPL_ENV = 'EG3D_OPS_IMPL'               # 'ref' forces the reference implementations everywhere.
+IMPL_ENV = 'EG3D_OPS_IMPL'               # 'ref': reference implementations everywhere; 'cuda': no fallback.
 EXTENSIONS_DIR_ENV = 'EG3D_EXTENSIONS_DIR'  # Root of the build cache.
 DEFAULT_EXTENSIONS_DIR = os.path.join('~', '.cache', 'eg3d_lora', 'extensions')
 
@@ -51,6 +52,16 @@ def reference_forced() -> bool:
     return os.environ.get(IMPL_ENV, '').strip().lower() == 'ref'
 
 
+def fallback_forbidden() -> bool:
+    """True when EG3D_OPS_IMPL=cuda makes an unavailable plugin an error (cluster jobs that must not run slow)."""
+    return os.environ.get(IMPL_ENV, '').strip().lower() == 'cuda'
+
+
+def unavailable_plugins() -> Dict[str, str]:
+    """Plugins this process fell back from: module name -> why (for run logs)."""
+    return dict(_failed)
+
+
 def extensions_dir() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get(EXTENSIONS_DIR_ENV) or DEFAULT_EXTENSIONS_DIR))
 
@@ -59,11 +70,15 @@ def load_plugin(module_name: str, sources: List[str], headers: Optional[List[str
                 source_dir: Optional[str] = None, **build_kwargs) -> Optional[object]:
     """The plugin module, or None (with one warning per plugin) if it cannot be had.
 
-    For the ops: None means "use the reference implementation". Never raises.
+    For the ops: None means "use the reference implementation". Never raises, unless
+    EG3D_OPS_IMPL=cuda forbids the fallback: then it raises `PluginUnavailable` (at every call).
     """
     if module_name in _loaded:
         return _loaded[module_name]
     if module_name in _failed:
+        if fallback_forbidden():
+            raise PluginUnavailable(f'EG3D CUDA plugin "{module_name}" is unavailable and {IMPL_ENV}=cuda forbids '
+                                    f'the reference fallback: {_failed[module_name]}')
         return None
     try:
         if not torch.cuda.is_available():
@@ -74,6 +89,9 @@ def load_plugin(module_name: str, sources: List[str], headers: Optional[List[str
         if not isinstance(e, PluginUnavailable):
             e = PluginUnavailable(f'{type(e).__name__}: {e}')
         _failed[module_name] = str(e)
+        if fallback_forbidden():
+            raise PluginUnavailable(f'EG3D CUDA plugin "{module_name}" is unavailable and {IMPL_ENV}=cuda forbids the '
+                                    f'reference fallback: {e}', hint=e.hint) from e
         warnings.warn(
             f'EG3D CUDA plugin "{module_name}" is unavailable; using the slower reference implementation instead.\n'
             f'Reason: {e}\n'

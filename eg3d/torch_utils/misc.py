@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -81,48 +80,6 @@ def profiled_function(fn):
     return decorator
 
 
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless sampler for DataLoader: yields this rank's share of an endlessly reshuffled order.
-
-    With `shuffle`, the order is permuted once with `seed` and then keeps changing: after each
-    item, the current slot is swapped with a random slot up to `window_size * len` positions back.
-    """
-
-    def __init__(self, dataset, rank: int = 0, num_replicas: int = 1, shuffle: bool = True, seed: int = 0,
-                 window_size: float = 0.5):
-        if len(dataset) <= 0:
-            raise ValueError('InfiniteSampler needs a non-empty dataset')
-        if not (num_replicas > 0 and 0 <= rank < num_replicas):
-            raise ValueError(f'Invalid rank {rank} for num_replicas {num_replicas}')
-        if not 0 <= window_size <= 1:
-            raise ValueError('window_size must be in [0, 1]')
-        super().__init__()
-        self.dataset = dataset
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.window_size = window_size
-
-    def __iter__(self):
-        order = np.arange(len(self.dataset))
-        rng = None
-        window = 0
-        if self.shuffle:
-            rng = np.random.RandomState(self.seed)
-            rng.shuffle(order)
-            window = int(np.rint(order.size * self.window_size))
-
-        for step in itertools.count():
-            slot = step % order.size
-            if step % self.num_replicas == self.rank:
-                yield order[slot]
-            if window >= 2:
-                # Keep reshuffling: swap this slot with one at most `window` positions back.
-                partner = (slot - rng.randint(window)) % order.size
-                order[slot], order[partner] = order[partner], order[slot]
-
-
 def params_and_buffers(module: torch.nn.Module) -> List[torch.Tensor]:
     if not isinstance(module, torch.nn.Module):
         raise TypeError('expected a torch.nn.Module')
@@ -156,18 +113,6 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
             raise ValueError(f'copy_params_and_buffers: shape mismatch for "{name}": '
                              f'source {list(src.shape)}, destination {list(tensor.shape)}')
         tensor.copy_(src.detach()).requires_grad_(tensor.requires_grad)
-
-
-@contextlib.contextmanager
-def ddp_sync(module: torch.nn.Module, sync: bool) -> Iterator[None]:
-    """Skip DDP gradient all-reduce inside the block when `sync` is False."""
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError('expected a torch.nn.Module')
-    if not sync and isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        with module.no_sync():
-            yield
-    else:
-        yield
 
 
 def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] = None) -> None:

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import PIL.Image
@@ -31,6 +31,7 @@ import tqdm
 
 import dnnlib
 import legacy
+from torch_utils import custom_ops
 from torch_utils import misc
 from training import adapters
 from training import configs
@@ -95,15 +96,22 @@ def set_full_finetuning(G: torch.nn.Module, freeze_render: bool) -> list:
     return params
 
 
-def all_reduce_gradients(params: list, num_gpus: int) -> None:
-    """Sum gradients over processes (the loss is already scaled to a global-batch mean), NaN-safe."""
+def all_reduce_gradients(params: list, num_gpus: int) -> torch.Tensor:
+    """Sum gradients over processes (the loss is already scaled to a global-batch mean).
+
+    Returns how many gradient entries were NaN or +-inf (a 0-dim tensor, the same on every process;
+    no device sync here). Those entries are then replaced as EG3D does (NaN by 0, +-inf by +-1e5), so
+    one bad sample does not destroy the adapters; the training loop reports the count per tick.
+    """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     if num_gpus > 1:
         torch.distributed.all_reduce(flat)
+    nonfinite = flat.numel() - torch.isfinite(flat).sum()
     misc.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
     for param, piece in zip(params, flat.split([p.numel() for p in params])):
         param.grad = piece.reshape(param.shape)
+    return nonfinite
 
 
 def grid_indices(identity: np.ndarray, count: int) -> np.ndarray:
@@ -181,10 +189,15 @@ def training_loop(
     local_rank: int = 0,
     workers: int = 0,                         # Accepted for EG3D compatibility; data is in memory.
     cudnn_benchmark: bool = True,
+    allow_tf32: bool = False,                 # TF32 matmuls/convolutions on Ampere+ (faster; off = official numerics).
     progress_bar: bool = True,                # tqdm bar on rank 0.
     grid_rows: int = 8,                       # Samples in the image grids; 0 = no grids.
-    **_ignored,
+    mode: str = '',                           # Recorded by train.py ('lora1', 'full', ...): names the run only.
+    metrics: Sequence[str] = (),              # EG3D's option: no metric is computed during personalization.
 ) -> dict:
+    if metrics:
+        raise ValueError(f'metrics={list(metrics)}: personalization computes no quality metrics during training '
+                         '(run evaluate.py on the snapshots)')
     training_set_kwargs = dict(training_set_kwargs or {})
     G_opt_kwargs = dict(G_opt_kwargs or dict(lr=0.0025, betas=[0, 0.99], eps=1e-8))
     loss_kwargs = dict(loss_kwargs or {})
@@ -193,8 +206,8 @@ def training_loop(
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.manual_seed(random_seed)
 
     def log(msg: str) -> None:
@@ -202,6 +215,16 @@ def training_loop(
             tqdm.tqdm.write(msg)
             with open(os.path.join(run_dir, 'log.txt'), 'a') as f:
                 f.write(msg + '\n')
+
+    logged_fallbacks = set()
+
+    def log_op_fallbacks() -> None:
+        """Each CUDA plugin the ops fell back from, with the reason, once in log.txt (not only as a warning)."""
+        for name, reason in custom_ops.unavailable_plugins().items():
+            if name not in logged_fallbacks:
+                logged_fallbacks.add(name)
+                log(f'Warning: CUDA plugin "{name}" is unavailable, its ops run the slower reference implementation '
+                    f'(set {custom_ops.IMPL_ENV}=cuda to make this an error). Reason: {reason}')
 
     # Generator: continue our own run, or start from a pretrained (official or ours) generator.
     log(f'Loading "{resume_pkl}"...')
@@ -381,6 +404,7 @@ def training_loop(
     tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
     sums: dict = {}
     identity_sums = np.zeros([2, K])  # per identity: sum of per-sample losses, number of samples
+    nonfinite = torch.zeros([2], dtype=torch.int64, device=device)  # in this tick: entries, steps with any
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     done = cur_nimg >= total_nimg
@@ -413,8 +437,10 @@ def training_loop(
             step_terms['total'] += float(orth.detach()) / num_gpus
 
         # Adapter gradients, summed over processes; Adam step; AdaLoRA budget and masks.
-        all_reduce_gradients(trainable, num_gpus)
+        bad = all_reduce_gradients(trainable, num_gpus)
+        nonfinite += torch.stack([bad, (bad > 0).long()])
         optimizer.step()
+        log_op_fallbacks()
         if allocator is not None:
             allocator.update_and_mask(G, step)
         step += 1
@@ -443,6 +469,7 @@ def training_loop(
                  'sec_per_tick': tick_time, 'sec_per_kimg': tick_time / max(tick_kimg, 1e-9),
                  'sec_per_step': tick_time / max(step - tick_start_step, 1), 'lr': G_opt_kwargs['lr']}
         stats.update({f'loss/{n}': v for n, v in values.items()})
+        stats['grad/nonfinite_entries'], stats['grad/nonfinite_steps'] = (int(v) for v in nonfinite.tolist())
         if training_set.multi:  # mean total loss of each identity's samples in this tick
             stats.update({f'identity/{name}/loss': float(per_identity[0, k] / max(per_identity[1, k], 1))
                           for k, name in enumerate(identity_names)})
@@ -458,6 +485,9 @@ def training_loop(
                     if key not in ('tick', 'kimg', 'step', 'timestamp'):
                         tb_writer.add_scalar(key, value, global_step=cur_nimg)
                 tb_writer.flush()
+            if stats['grad/nonfinite_steps'] > 0:
+                log(f'Warning: {stats["grad/nonfinite_steps"]} step(s) of this tick had NaN/inf gradients '
+                    f'({stats["grad/nonfinite_entries"]} entries, replaced: NaN by 0, inf by +-1e5)')
             loss_parts = ' '.join(f'{n} {v:.4f}' for n, v in values.items() if n != 'total')
             log(f'tick {stats["tick"]:<4d} kimg {cur_nimg / 1000:<8.3f} step {step:<6d} '
                 f'time {dnnlib.util.format_time(time.time() - start_time):<10s} sec/kimg {stats["sec_per_kimg"]:<8.2f} '
@@ -467,6 +497,7 @@ def training_loop(
             save_snapshot()
         sums = {}
         identity_sums[:] = 0
+        nonfinite.zero_()
         tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
 
     bar.close()

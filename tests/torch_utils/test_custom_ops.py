@@ -88,6 +88,31 @@ def test_no_cuda_device_warns(monkeypatch, tmp_path):
     _assert_one_warning(caught, 'eg3d_test_no_device', 'no CUDA device')
 
 
+@pytest.mark.parametrize('op', [bias_act, upfirdn2d], ids=['bias_act', 'upfirdn2d'])
+def test_env_cuda_makes_the_fallback_an_error(op, cuda_visible, monkeypatch, tmp_path):
+    """EG3D_OPS_IMPL=cuda: a plugin that cannot be built stops the op (every time) instead of warning."""
+    monkeypatch.setenv(custom_ops.IMPL_ENV, 'cuda')
+    name = f'eg3d_test_strict_{op.__name__.rsplit(".", 1)[-1]}'
+    monkeypatch.setattr(op, '_PLUGIN_SPEC', dict(module_name=name, **_write(tmp_path, 'broken.cpp', _BROKEN_SOURCE)))
+    for _ in range(2):  # the remembered failure raises too
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            expected = f'{name}.*EG3D_OPS_IMPL=cuda forbids.*compiler failed'
+            with pytest.raises(custom_ops.PluginUnavailable, match=expected):
+                op._cuda_available()
+    assert 'the compiler failed' in custom_ops.unavailable_plugins()[name]
+
+
+def test_unavailable_plugins_lists_each_fallback_with_its_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert custom_ops.unavailable_plugins() == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        custom_ops.load_plugin('eg3d_test_listed', **_write(tmp_path, 'kernel.cu', '__global__ void k() {}\n'))
+    assert list(custom_ops.unavailable_plugins()) == ['eg3d_test_listed']
+    assert 'no CUDA device' in custom_ops.unavailable_plugins()['eg3d_test_listed']
+
+
 def test_successful_build_is_cached(tmp_path):
     spec = _write(tmp_path, 'tiny.cpp', _PYBIND_SOURCE)
     module = custom_ops.get_plugin('eg3d_test_tiny_plugin', **spec)

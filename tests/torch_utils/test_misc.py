@@ -3,7 +3,6 @@ import os
 import re
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -44,27 +43,6 @@ def test_profiled_function_keeps_name_and_result():
     assert add.__name__ == 'add' and add(2, b=3) == 5
 
 
-def _take(it, n):
-    return [int(next(it)) for _ in range(n)]
-
-
-def test_infinite_sampler_splits_ranks_and_reshuffles():
-    data = list(range(10))
-    assert _take(iter(misc.InfiniteSampler(data, shuffle=False)), 12) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    r0 = _take(iter(misc.InfiniteSampler(data, rank=0, num_replicas=2, shuffle=False)), 5)
-    r1 = _take(iter(misc.InfiniteSampler(data, rank=1, num_replicas=2, shuffle=False)), 5)
-    assert r0 == [0, 2, 4, 6, 8] and r1 == [1, 3, 5, 7, 9]
-    s = _take(iter(misc.InfiniteSampler(data, seed=7)), 30)
-    assert s == _take(iter(misc.InfiniteSampler(data, seed=7)), 30)  # deterministic
-    assert s[:10] != data and set(s) <= set(data)
-    counts = np.bincount(_take(iter(misc.InfiniteSampler(data, seed=7)), 2000), minlength=10)
-    assert counts.min() > 100  # every item keeps coming back
-    with pytest.raises(ValueError):
-        misc.InfiniteSampler([])
-    with pytest.raises(ValueError):
-        misc.InfiniteSampler(data, rank=2, num_replicas=2)
-
-
 class _Net(torch.nn.Module):
     def __init__(self, n=3):
         super().__init__()
@@ -95,11 +73,6 @@ def test_copy_params_and_buffers():
         misc.copy_params_and_buffers(partial, _Net(), require_all=True)
     with pytest.raises(ValueError, match=r'fc.weight.*\[2, 4\].*\[2, 3\]'):
         misc.copy_params_and_buffers(_Net(4), _Net(3))
-
-
-def test_ddp_sync_without_ddp_is_a_no_op():
-    with misc.ddp_sync(_Net(), sync=False):
-        pass
 
 
 def test_print_module_summary_prints_table_and_returns_outputs(capsys):

@@ -32,8 +32,11 @@ def _run(run_dir, identity, resume_pkl=None, **overrides):
 ADALORA = dict(r=1, alpha=1.0, adalora=True, init_r=2, target_r=1, total_step=2, tinit=0, tfinal=0, delta_t=1)
 
 
-def test_resumed_run_equals_uninterrupted_run(identity, tmp_path):
-    """AdaLoRA (adapters + Adam moments + rank allocator + density reg): stop after snapshot 1, resume."""
+@pytest.mark.parametrize('conv_path', ['auto', 'branch'])
+def test_resumed_run_equals_uninterrupted_run(identity, tmp_path, monkeypatch, conv_path):
+    """AdaLoRA (adapters + Adam moments + rank allocator + density reg): stop after snapshot 1, resume.
+    On both training paths of the adapted convolutions (EG3D_ADAPTER_CONV_PATH; 'branch' is FFHQ 512's)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', conv_path)
     full = tmp_path / 'full'
     _run(full, identity, adapter_config=ADALORA, total_kimg=0.004, density_reg_every=1)
     snapshots = sorted(f for f in os.listdir(full) if f.startswith('network-snapshot-'))
@@ -92,3 +95,54 @@ def test_kimg_tags_and_chunk_seeds():
     assert tl.kimg_tag(500000) == '000500' and tl.kimg_tag(120) == '000000.120' and tl.kimg_tag(1500) == '000001.500'
     assert tl.chunk_seed(0, 3, 1) == tl.chunk_seed(0, 3, 1)
     assert len({tl.chunk_seed(s, k, c) for s in range(2) for k in range(3) for c in range(3)}) == 18
+
+
+def test_unknown_options_are_an_error():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_sizes'"):
+        tl.training_loop(batch_sizes=4)
+    with pytest.raises(ValueError, match=r"metrics=\['fid50k_full'\]"):
+        tl.training_loop(metrics=['fid50k_full'])
+
+
+def test_op_fallback_goes_to_the_log_and_tf32_follows_the_option(identity, tmp_path, monkeypatch):
+    """A CUDA plugin the ops fell back from (here: recorded as failed to build) is named in log.txt with its reason."""
+    from torch_utils import custom_ops
+    monkeypatch.setattr(custom_ops, '_failed', {'upfirdn2d_plugin': 'the compiler failed (build directory /x)'})
+    try:
+        _run(tmp_path, identity, adapter_config=dict(r=1), batch_size=1, total_kimg=0.002, kimg_per_tick=0.001,
+             allow_tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('CUDA plugin "upfirdn2d_plugin" is unavailable') == 1  # once, not at every step
+    assert 'EG3D_OPS_IMPL=cuda' in log and 'Reason: the compiler failed (build directory /x)' in log
+
+
+def test_nonfinite_gradients_are_counted_and_reported(identity, tmp_path, monkeypatch):
+    """A NaN and an inf in one step's adapter gradients: stats.jsonl and log.txt report them; the adapters
+    stay finite."""
+    from training import adapters
+    real = adapters.trainable_parameters
+    poisoned = []
+
+    def poison_first_backward(grad):
+        if poisoned:
+            return grad
+        poisoned.append(1)
+        grad = grad.clone()
+        grad.view(-1)[:2] = torch.tensor([float('nan'), float('inf')])
+        return grad
+
+    def trainable_with_a_hook(G):
+        params = real(G)
+        params[0].register_hook(poison_first_backward)
+        return params
+    monkeypatch.setattr(adapters, 'trainable_parameters', trainable_with_a_hook)
+    _run(tmp_path, identity, adapter_config=dict(r=1), batch_size=1, total_kimg=0.002, kimg_per_tick=0.001)
+    stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert [(s['grad/nonfinite_entries'], s['grad/nonfinite_steps']) for s in stats] == [(2, 1), (0, 0)]
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('had NaN/inf gradients') == 1 and '1 step(s) of this tick had NaN/inf gradients (2 entries' in log
+    final = load_file(str(tmp_path / 'adapter-000000.002.safetensors'))
+    assert all(torch.isfinite(t).all() for t in final.values())

@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-enabled = False                    # Use the custom op (CUDA inputs only). Set by the training loop.
+enabled = False                    # Use the custom op (CUDA inputs only). Off: no second-order gradients here.
 weight_gradients_disabled = False  # Read by the custom op's backward; set via no_weight_gradients().
 
 _IntOrPair = Union[int, Sequence[int]]

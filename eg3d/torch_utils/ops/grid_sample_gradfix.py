@@ -7,7 +7,7 @@ image gradients); the grid gradient stays first-order only.
 
 import torch
 
-enabled = False  # Use the custom op. Set by the training loop.
+enabled = False  # Use the custom op. Off: the personalization loop takes no second-order gradients.
 
 _BILINEAR, _ZEROS, _ALIGN_CORNERS = 0, 0, False
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as deserialize_safetensors
 from safetensors.torch import save as serialize_safetensors
 
 import dnnlib
@@ -39,25 +41,54 @@ def _json_plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=lambda v: v.item() if hasattr(v, 'item') else repr(v)))
 
 
-def fingerprint(G: torch.nn.Module) -> Dict[str, Any]:
-    """Identity of the base generator: class name, init kwargs and sha256 of its parameters.
-
-    Works on a plain or an injected G (adapter tensors are left out, names are the plain ones).
-    Buffers are not hashed: `w_avg` legitimately moves when training updates the EMAs.
-    """
-    adapter_ids = {id(p) for _, layer in adapter_layers(G) for p in layer.adapter_parameters()}
-    params = sorted((base_name(n), p) for n, p in G.named_parameters() if id(p) not in adapter_ids)
+def _weights_sha256(params: List[Tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `params` (the expensive part: one pass over the base)."""
     h = hashlib.sha256()
     for name, p in params:
         t = p.detach().to('cpu').contiguous()
         h.update(f'{name}:{str(t.dtype)}:{list(t.shape)};'.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# G -> (state key, weights sha256). Hashing the base costs a pass over all of its weights (and a
+# GPU-to-CPU copy); saving K adapter files or swapping adapters in a registry must not repeat it.
+_SHA_CACHE: 'weakref.WeakKeyDictionary[torch.nn.Module, Tuple[tuple, str]]' = weakref.WeakKeyDictionary()
+
+
+def _state_key(params: List[Tuple[str, torch.Tensor]]) -> tuple:
+    """What changes whenever a weight does: in-place writes bump a tensor's version counter, and
+    replacing a tensor (or its `.data`) changes its storage. Writes through `.data` bypass the version
+    counter: after those, call `forget_fingerprint`."""
+    # pylint: disable-next=protected-access
+    return tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape), str(p.device)) for name, p in params)
+
+
+def forget_fingerprint(G: torch.nn.Module) -> None:
+    """Drop G's cached weight hash (needed only after writing weights through `param.data`)."""
+    _SHA_CACHE.pop(G, None)
+
+
+def fingerprint(G: torch.nn.Module) -> Dict[str, Any]:
+    """Identity of the base generator: class name, init kwargs and sha256 of its parameters.
+
+    Works on a plain or an injected G (adapter tensors are left out, names are the plain ones).
+    Buffers are not hashed: `w_avg` legitimately moves when training updates the EMAs. The hash is
+    computed once per G and reused until one of its base parameters changes (`_state_key`).
+    """
+    adapter_ids = {id(p) for _, layer in adapter_layers(G) for p in layer.adapter_parameters()}
+    params = sorted((base_name(n), p) for n, p in G.named_parameters() if id(p) not in adapter_ids)
+    key = _state_key(params)
+    cached = _SHA_CACHE.get(G)
+    if cached is None or cached[0] != key:
+        cached = (key, _weights_sha256(params))
+        _SHA_CACHE[G] = cached
     init_kwargs = G.__dict__.get('_init_kwargs', None)
     return {
         'class_name': getattr(type(G), '_orig_class_name', type(G).__name__),
         'init_kwargs': _json_plain(dict(init_kwargs)) if init_kwargs is not None else None,
         'num_params': int(sum(p.numel() for _, p in params)),
-        'weights_sha256': h.hexdigest(),
+        'weights_sha256': cached[1],
     }
 
 
@@ -139,7 +170,14 @@ def _read(path: str, with_tensors: bool = True) -> Tuple[Dict[str, str], Dict[st
     try:
         with safe_open(path, framework='pt', device='cpu') as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+        # Tensors come from the file's bytes: every `safe_open(...).get_tensor` call keeps some memory
+        # (safetensors 0.8; safetensors issue #369), which grows without bound in a registry that swaps
+        # thousands of files.
+        if with_tensors:
+            with open(path, 'rb') as file:
+                tensors = deserialize_safetensors(file.read())
+        else:
+            tensors = {}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f'{path} is not a readable safetensors adapter file: {e}') from e
     for key in ('adapter_config', 'base_fingerprint', 'target_modules'):

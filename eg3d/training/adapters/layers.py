@@ -17,6 +17,7 @@ EG3D names (torch_utils.*, training.networks_stylegan2).
 """
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -42,6 +43,16 @@ def _spatial_dot(a, b):
     """sum over H, W of a * b for [N, C, H, W] tensors -> [N, C], as dot products (no temporary a * b)."""
     N, C = a.shape[0], a.shape[1]
     return torch.einsum('ncp,ncp->nc', a.reshape(N, C, -1), b.reshape(N, C, -1))
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _wide(t):
+    """t in float32 if it is float16 / bfloat16. Factor gradients are sums over every pixel of the batch:
+    in fp16 blocks (no loss scaling) a half-precision result overflows or flushes to zero, so they are
+    accumulated and returned in float32, the precision of the factors themselves."""
+    return t.float() if t.dtype in _HALF else t
 
 
 class _Modulate(torch.autograd.Function):
@@ -245,7 +256,7 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
         grad_h = torch.bmm(B.expand(N, -1, -1).transpose(1, 2), g3)
         grad_B = grad_A = grad_xs = None
         if ctx.needs_input_grad[3]:
-            grad_B = torch.bmm(g3, h.transpose(1, 2))
+            grad_B = torch.bmm(_wide(g3), _wide(h).transpose(1, 2))
             grad_B = (grad_B.sum(0) if shared else grad_B).to(factor_dtype)
         grad_h = grad_h.reshape(N, R, *grad.shape[2:])
         w = weight.to(x.dtype)
@@ -255,9 +266,14 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
             xs = x if s is None else x * s.unsqueeze(-1)  # narrow: recomputing xs is cheap
             thin = taps.reshape(R, kh * kw, I).transpose(1, 2).reshape(R, I, kh, kw)
             thin = thin if flip_weight else thin.flip([2, 3])
+            half = x.dtype in _HALF  # then the weight gradient is taken apart, in float32 (`_wide`)
             grad_xs_thin, grad_thin, _ = torch.ops.aten.convolution_backward(
                 grad_h, xs, thin, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-                [needs_xs_grad, ctx.needs_input_grad[2], False])
+                [needs_xs_grad, ctx.needs_input_grad[2] and not half, False])
+            if ctx.needs_input_grad[2] and half:
+                grad_thin = torch.ops.aten.convolution_backward(
+                    _wide(grad_h), _wide(xs), _wide(thin), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+                    [False, True, False])[1]
             if ctx.needs_input_grad[2]:
                 grad_A = (grad_thin if flip_weight else grad_thin.flip([2, 3])).reshape(R, -1).to(factor_dtype)
             if needs_xs_grad:
@@ -266,7 +282,7 @@ class _StrideOneAdaptedConv(torch.autograd.Function):
             grad_z = _shifted_taps(grad_h, H, W, kh, kw, padding, flip_weight)
             if ctx.needs_input_grad[2]:
                 # dL/dtaps = dL/dz @ xs^T = (dL/dz @ x^T) * s per sample
-                grad_taps = torch.bmm(grad_z, x.reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
+                grad_taps = torch.bmm(_wide(grad_z), _wide(x).reshape(N, I, H * W).transpose(1, 2))  # [N, R*kh*kw, I]
                 if s is not None:
                     grad_taps.mul_(s.transpose(1, 2))
                 grad_taps = grad_taps.sum(0) if shared else grad_taps
@@ -303,6 +319,23 @@ def merged_weight_is_cheaper(in_channels: int, out_channels: int, rank_rows: int
     return BRANCH_COST_FACTOR * rank_rows * (taps * in_channels + out_channels) > out_channels * in_channels * taps
 
 
+# Environment variable choosing how frozen adapted convolutions train: 'auto' (default: per layer,
+# by `merged_weight_is_cheaper`), 'branch' (every layer takes the low-rank branch, as all FFHQ 512
+# layers but the 3-channel torgb do: the narrow test configs then run the path real runs take) or
+# 'merged' (the merged weight wherever the batch shares the factors). Read at every call, so spawned
+# and torchrun processes follow it too.
+CONV_PATH_VARIABLE = 'EG3D_ADAPTER_CONV_PATH'
+
+
+def _trains_through_merged_weight(in_channels, out_channels, rank_rows, taps):
+    choice = os.environ.get(CONV_PATH_VARIABLE, 'auto')
+    if choice == 'auto':
+        return merged_weight_is_cheaper(in_channels, out_channels, rank_rows, taps)
+    if choice not in ('branch', 'merged'):
+        raise ValueError(f'{CONV_PATH_VARIABLE}={choice!r}: use auto, branch or merged')
+    return choice == 'merged'
+
+
 def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0, flip_weight=True, styles=None):
     """conv2d_resample(x * styles, W + B @ A); A [R, I*k*k], B [O, R] (shared) or [N, R, I*k*k], [N, O, R];
     styles [N, I] or None (no modulation); `dropout` (or None) acts on the low-rank branch's input only.
@@ -310,12 +343,14 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     For a frozen W and no dropout, W gets no weight gradient: the low-rank branch costs matmuls
     plus a convolution with R*k*k input and R output channels (a custom autograd function for
     stride 1), or, for narrow layers with shared factors, the merged weight's gradient
-    (`merged_weight_is_cheaper`). With B == 0 the result is the base's bit for bit.
+    (`merged_weight_is_cheaper`, or `EG3D_ADAPTER_CONV_PATH`). With B == 0 the result is the base's bit for bit.
     """
     O, I, kh, kw = weight.shape
     geometry = dict(f=f, up=up, down=down, padding=padding, flip_weight=flip_weight)
     frozen = (dropout is None and not weight.requires_grad and A.shape[-2] > 0)
-    merged = frozen and A.ndim == 2 and merged_weight_is_cheaper(I, O, A.shape[0], kh * kw)
+    # Never in half precision: the merged weight's gradient would be a half-precision sum over all pixels.
+    merged = (frozen and A.ndim == 2 and x.dtype not in _HALF
+              and _trains_through_merged_weight(I, O, A.shape[0], kh * kw))
     if frozen and not merged and up == 1 and down == 1 and isinstance(padding, int) and padding >= 0:
         return _StrideOneAdaptedConv.apply(x, styles, A, B, weight, padding, flip_weight)
     if styles is not None:
@@ -328,9 +363,14 @@ def _adapted_conv(x, weight, A, B, dropout=None, f=None, up=1, down=1, padding=0
     # Resampling, dropout or an unfrozen base: plain autograd over the base and the branch.
     y = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), **geometry)
     N = y.shape[0]
-    _, h = _thin_branch(dropout(x) if dropout is not None else x, A, kh, kw, **geometry)
+    branch_input = dropout(x) if dropout is not None else x
     out = y.reshape(N, O, -1)
-    out.baddbmm_(B.to(x.dtype).expand(N, -1, -1), h)  # in place: no second full-size tensor
+    if x.dtype in _HALF:  # the branch in float32, so that autograd sums the factor gradients in float32 (`_wide`)
+        _, h = _thin_branch(_wide(branch_input), A, kh, kw, **geometry)
+        out.add_(torch.bmm(B.expand(N, -1, -1), h).to(out.dtype))
+    else:
+        _, h = _thin_branch(branch_input, A, kh, kw, **geometry)
+        out.baddbmm_(B.to(x.dtype).expand(N, -1, -1), h)  # in place: no second full-size tensor
     return out.reshape(y.shape)
 
 

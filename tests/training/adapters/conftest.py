@@ -26,7 +26,16 @@ def tiny_G(tiny_base) -> torch.nn.Module:
 @pytest.fixture(params=['branch', 'merged'])
 def conv_path(request, monkeypatch) -> str:
     """Run a test through both training paths of adapted convolutions: the low-rank branch and the
-    merged weight (`layers.merged_weight_is_cheaper` picks one per layer by size; test layers are small)."""
-    from training.adapters import layers
-    monkeypatch.setattr(layers, 'BRANCH_COST_FACTOR', 0.0 if request.param == 'branch' else float('inf'))
+    merged weight (by default `layers.merged_weight_is_cheaper` picks one per layer by size; test layers are small)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', request.param)
     return request.param
+
+
+@pytest.fixture
+def count_hashes(monkeypatch):
+    """Counts the passes over the base's weights (`files._weights_sha256` calls)."""
+    from training.adapters import files
+    calls = []
+    real = files._weights_sha256  # pylint: disable=protected-access
+    monkeypatch.setattr(files, '_weights_sha256', lambda params: calls.append(1) or real(params))
+    return calls

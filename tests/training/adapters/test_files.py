@@ -77,6 +77,38 @@ def test_fingerprint_identifies_the_base(tiny_base, trained):
     assert adapters.fingerprint(other)['weights_sha256'] != fp['weights_sha256']
 
 
+def test_saving_k_adapters_and_loading_them_hashes_the_base_once(tmp_path, tiny_base, count_hashes):
+    G = copy.deepcopy(tiny_base)
+    adapters.inject(G, AdapterConfig(r=1, targets=('synthesis',)), num_adapters=4)
+    for k in range(4):
+        adapters.save(G, tmp_path / f'{k}.safetensors', index=k)
+    with torch.no_grad():  # training the adapters changes no base weight
+        for _, layer in adapter_layers(G):
+            layer.lora_B.add_(0.01)
+    for k in range(4):
+        adapters.load(G, tmp_path / f'{k}.safetensors', index=3 - k)
+    assert len(count_hashes) == 1
+
+
+def test_fingerprint_is_recomputed_when_a_base_weight_changes(tiny_base, count_hashes):
+    G = copy.deepcopy(tiny_base)
+    first = adapters.fingerprint(G)['weights_sha256']
+    weight = G.backbone.synthesis.b4.conv1.weight
+    with torch.no_grad():
+        weight.mul_(1.01)  # in place
+    second = adapters.fingerprint(G)['weights_sha256']
+    G.decoder.net[0].weight = torch.nn.Parameter(G.decoder.net[0].weight.detach() + 1e-3)  # replaced
+    third = adapters.fingerprint(G)['weights_sha256']
+    G.decoder.net[0].weight.data.add_(1e-3)  # through .data: invisible to the version counter
+    assert adapters.fingerprint(G)['weights_sha256'] == third
+    adapters.forget_fingerprint(G)
+    fourth = adapters.fingerprint(G)['weights_sha256']
+    assert len({first, second, third, fourth}) == 4 and len(count_hashes) == 4
+    with torch.no_grad():
+        weight.div_(1.01)
+    assert adapters.fingerprint(G) != adapters.fingerprint(tiny_base)  # the decoder still differs
+
+
 def test_loading_onto_a_different_base_names_the_file(tmp_path, tiny_base, trained):
     path = tmp_path / 'for_other_base.safetensors'
     adapters.save(trained, path)

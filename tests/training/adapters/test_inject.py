@@ -43,8 +43,13 @@ def base_outputs(tiny_golden, tiny_base):
     (AdapterConfig(r=1, conv_factorization='standard', targets=ALL), 3, 1),
     (AdapterConfig(adalora=True, init_r=2, extras='my3dgen', targets=ALL), 2, 'per-sample'),
 ], ids=['default', 'my3dgen-extras-all', 'standard-K3', 'adalora-per-sample'])
-@pytest.mark.parametrize('training', [False, True], ids=['eval-fused', 'train-nonfused'])
-def test_injected_generator_renders_exactly_like_the_base(tiny_golden, tiny_base, base_outputs, cfg, K, sel, training):
+@pytest.mark.parametrize('training,conv_path', [(False, 'auto'), (True, 'auto'), (True, 'branch')],
+                         ids=['eval-fused', 'train-nonfused', 'train-nonfused-branch'])
+def test_injected_generator_renders_exactly_like_the_base(tiny_golden, tiny_base, base_outputs, cfg, K, sel, training,
+                                                         conv_path, monkeypatch):
+    """At init every adapted layer adds exactly nothing, on both training paths of the convolutions (the
+    tiny config's narrow layers take the merged weight by default; 'branch' forces FFHQ 512's path)."""
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', conv_path)
     G = copy.deepcopy(tiny_base).train(training)
     adapters.inject(G, cfg, num_adapters=K)
     adapters.select(G, torch.tensor([1, 0]) if sel == 'per-sample' else sel)

@@ -394,6 +394,27 @@ def test_merged_weight_only_for_narrow_layers():
         assert merged_weight_is_cheaper(ch, ch, rank_rows=3, taps=9)
 
 
+@pytest.mark.parametrize('choice,branch_calls', [(None, 0), ('auto', 0), ('branch', 3), ('merged', 0)])
+def test_conv_path_variable_forces_the_path(monkeypatch, choice, branch_calls):
+    """EG3D_ADAPTER_CONV_PATH=branch sends the narrow stride-1 test layers (conv, conv_1x1, syn) through
+    the low-rank branch that FFHQ 512 layers take; by default ('auto') they take the merged weight."""
+    from training.adapters import layers
+    if choice is None:
+        monkeypatch.delenv('EG3D_ADAPTER_CONV_PATH', raising=False)
+    else:
+        monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', choice)
+    calls = []
+    real = layers._StrideOneAdaptedConv.apply  # pylint: disable=protected-access
+    monkeypatch.setattr(layers._StrideOneAdaptedConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    H = injected(AdapterConfig(r=1, targets=('synthesis',)))
+    for name in ['conv', 'conv_up', 'conv_down', 'conv_1x1', 'syn', 'syn_up']:
+        run_layer(name, H.synthesis[name], fused=False)
+    assert len(calls) == branch_calls
+    monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', 'fast')
+    with pytest.raises(ValueError, match='EG3D_ADAPTER_CONV_PATH=.fast.: use auto, branch or merged'):
+        run_layer('conv', H.synthesis['conv'], fused=False)
+
+
 @pytest.mark.parametrize('activation', ['lrelu', 'linear'])
 @pytest.mark.parametrize('clamp', [None, 0.7])
 @pytest.mark.parametrize('demodulate', [True, False])
@@ -440,3 +461,38 @@ def test_in_place_epilogue_equals_bias_act(activation, clamp, demodulate, per_sa
         for label, g, w in zip(['x', 'styles', 'A', 'B', 'noise', 'bias'], grads, wants):
             assert g.abs().sum() > 0, label
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=label)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)], ids=['fp16', 'bf16'])
+@pytest.mark.parametrize('geometry,in_channels', [('stride1', 64), ('stride1', 2), ('up2', 8)],
+                         ids=['stride1-wide', 'stride1-narrow', 'up2'])
+@pytest.mark.parametrize('per_sample', [False, True], ids=['shared', 'per-sample'])
+def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol, geometry, in_channels, per_sample):
+    """In fp16 blocks (no loss scaling) the factor gradients, sums over every pixel, stay finite float32 and
+    match a float64 computation on the same half-precision inputs; the fp16 sums overflowed to inf here."""
+    from torch_utils.ops import upfirdn2d
+    from training.adapters import layers
+    g = torch.Generator().manual_seed(0)
+    N, O, R, k, res = 2, 6, 3, 3, 16
+    lead = [N] if per_sample else []
+    x = (torch.randn(N, in_channels, res, res, generator=g) * 4).to(dtype)
+    W = torch.randn(O, in_channels, k, k, generator=g)
+    A = torch.randn(*lead, R, in_channels * k * k, generator=g) * 0.5
+    B = torch.randn(*lead, O, R, generator=g) * 0.5
+    styles = torch.rand(N, in_channels, generator=g) + 0.5
+    up2 = dict(up=2, padding=1, f=upfirdn2d.setup_filter([1, 3, 3, 1]))
+    geometry_kwargs = up2 if geometry == 'up2' else dict(padding=1)
+    out_res = 2 * res if geometry == 'up2' else res
+    probe = torch.randn(N, O, out_res, out_res, generator=g) * 1e3  # a large upstream gradient
+
+    def factor_grads(x, W, A, B, styles):
+        A, B = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        y = layers._adapted_conv(x, W, A, B, styles=styles, **geometry_kwargs)  # pylint: disable=protected-access
+        y.backward(probe.to(y.dtype))
+        return A.grad, B.grad
+
+    got = factor_grads(x, W, A, B, styles)
+    want = factor_grads(x.double(), W.double(), A.double(), B.double(), styles.double())
+    for label, a, b in zip(['A', 'B'], got, want):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), label
+        assert (a.double() - b).abs().max() <= tol * b.abs().max(), label
