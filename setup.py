@@ -30,7 +30,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=7", "peft>=0.10"],
+        "dev": ["pytest>=7", "peft>=0.10", "selenium>=4.20"],
         "cuda": ["ninja>=1.10"],
     },
 )
