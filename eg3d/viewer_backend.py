@@ -69,6 +69,9 @@ class View:
                     raise inf.InputError(f'view field {name} must be finite, got {value!r}')
             values[name] = value
         view = cls(**values)
+        for name in ('seed', 'alpha_seed'):
+            if not 0 <= getattr(view, name) < 2 ** 32:
+                raise inf.InputError(f'view field {name} must lie in [0, 2^32), got {getattr(view, name)}')
         if view.source not in LATENT_SOURCES:
             raise inf.InputError(f'latent source {view.source!r} unknown; use one of {", ".join(LATENT_SOURCES)}')
         return view

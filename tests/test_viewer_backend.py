@@ -149,6 +149,7 @@ def test_a_pickle_that_is_no_eg3d_network_is_an_input_error(tmp_path):
     ({'source': 'dream'}, 'latent source'),
     ({'zoom': 2}, 'unknown view field'),
     ({'pitch': float('nan')}, 'finite'),
+    ({'seed': -1}, r'seed must lie in \[0, 2\^32\)'),
 ])
 def test_view_json_is_checked(data, message):
     with pytest.raises(inf.InputError, match=message):
