@@ -13,10 +13,12 @@ from viewer_backend import View, ViewerBackend
 NRR = 16
 
 
-def make_adapter(base_pkl, path, seed, scale=0.3):
-    """Adapter file of `base_pkl` with random B factors (seeded): an identity that renders unlike the base."""
+def make_adapter(base_pkl, path, seed, scale=0.5):
+    """Adapter file of `base_pkl` with random factors (seeded): an identity that renders unlike the base."""
     G = inf.load_generator(base_pkl)
-    adapters.inject(G, adapters.AdapterConfig(r=1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the A factors' initialization draws from the global RNG
+        adapters.inject(G, adapters.AdapterConfig(r=1))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in G.named_parameters():
@@ -68,7 +70,7 @@ def test_base_beside_each_identity_as_loaded_alone(files, backend):
     np.testing.assert_allclose(base, alone(files, None, ws, 0.3, row=0), atol=1)
     np.testing.assert_allclose(ann, alone(files, files['ann'], ws, 0.3, row=1), atol=1)
     np.testing.assert_allclose(ben, alone(files, files['ben'], ws, 0.3, row=1), atol=1)
-    assert mean_difference(ann, base) > 1 and mean_difference(ann, ben) > 1
+    assert mean_difference(ann, base) > 0.5 and mean_difference(ann, ben) > 0.5
     only_base, none = backend.render_pair(View(identity='', source='dataset', latent='image_1', yaw=0.3))
     assert none is None  # the base alone renders a batch of one: other depth jitter, the same picture
     assert mean_difference(only_base, base) < 0.5 and np.abs(only_base.astype(int) - base).max() <= 4
