@@ -29,7 +29,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import dnnlib
 import viewer
-from test_viewer_backend import make_adapter
+from test_viewer_backend import make_identity
 from training import adapters
 from training import synthetic_identity
 
@@ -49,8 +49,8 @@ def files(tiny_identity, tmp_path_factory):
     adapters.inject(other, adapters.AdapterConfig(r=1))
     adapters.save(other, str(folder / 'other_base.safetensors'))
     np.save(folder / 'smile.npy', np.random.RandomState(0).randn(1, 512).astype(np.float32))
-    return dict(base=base, ann=make_adapter(base, folder / 'ann.safetensors', 1),
-                ben=make_adapter(base, folder / 'ben.safetensors', 2), other=folder / 'other_base.safetensors',
+    return dict(base=base, ann=make_identity(base, folder / 'ann.safetensors', 1),
+                ben=make_identity(base, folder / 'ben.safetensors', 2), other=folder / 'other_base.safetensors',
                 direction=folder / 'smile.npy', dataset=tiny_identity / 'train')
 
 
@@ -121,8 +121,9 @@ def press(driver, element_id: str, key: str, times: int) -> None:
     driver.find_element(By.ID, element_id).send_keys(key * times)
 
 
-def changed(a: np.ndarray, b: np.ndarray) -> bool:
-    return np.abs(a.astype(int) - b).mean() > 0.5
+def changed(a: np.ndarray, b: np.ndarray, by: float = 1.0) -> bool:
+    """Mean absolute difference above `by` grey levels (a repeated view renders the very same pixels)."""
+    return np.abs(a.astype(int) - b).mean() > by
 
 
 @needs_browser
@@ -154,7 +155,7 @@ def test_viewer_in_a_browser(viewer_url, browser, files, tmp_path):
     before = shown(browser, 'person-image')
     act(browser, lambda: browser.find_element(By.ID, 'alpha-sample').click())
     sample = shown(browser, 'person-image')
-    assert changed(sample, before)
+    assert changed(sample, before, by=0.2)  # the synthetic selfies' latents are close: so are their samples
 
     # An edit of strength 0 leaves the image unchanged; another strength does not.
     assert Select(browser.find_element(By.ID, 'direction')).first_selected_option.get_attribute('value') == 'smile'
