@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -144,6 +144,14 @@ def test_viewer_in_a_browser(viewer_url, browser, files, tmp_path):
     turned = shown(browser, 'person-image')
     assert float(browser.find_element(By.ID, 'yaw').get_attribute('value')) == pytest.approx(0.3)
     assert changed(turned, person)
+
+    # Dragging a face turns the camera too.
+    drag = ActionChains(browser).click_and_hold(browser.find_element(By.ID, 'person-image'))
+    act(browser, lambda: drag.move_by_offset(-40, 0).release().perform())
+    assert float(browser.find_element(By.ID, 'yaw').get_attribute('value')) == pytest.approx(0.5, abs=0.02)
+    assert changed(shown(browser, 'person-image'), turned)
+    act(browser, lambda: press(browser, 'yaw', Keys.ARROW_LEFT, 20))
+    assert np.array_equal(shown(browser, 'person-image'), turned)
 
     # Switching the identity changes the personalized image, not the base.
     base_turned = shown(browser, 'base-image')
