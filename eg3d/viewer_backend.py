@@ -135,7 +135,7 @@ class ViewerBackend:
         if len(self.registry) >= self.max_identities:
             raise inf.InputError(f'cannot load {path}: {self.max_identities} identities are loaded already '
                                  '(restart with a larger --max-identities)')
-        name = _unique_name(path.name.split('.')[0], self.registry.names)
+        name = _unique_name(path.stem, self.registry.names)
         with self._lock:
             try:
                 self._adapters_version += 1
@@ -154,7 +154,7 @@ class ViewerBackend:
             direction = inf.load_latent(path, self.G)
         except inf.InputError as e:
             raise inf.InputError(f'direction: {e}') from e
-        self.directions[_unique_name(Path(path).name.split('.')[0], list(self.directions))] = direction.to(self.device)
+        self.directions[_unique_name(Path(path).stem, list(self.directions))] = direction.to(self.device)
 
     def info(self) -> dict:
         """What the page needs to build its controls."""
