@@ -12,6 +12,7 @@ with the user's input is an `InputError` whose message names the file; the serve
 
 import dataclasses
 import hashlib
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -75,6 +76,11 @@ class View:
         if view.source not in LATENT_SOURCES:
             raise inf.InputError(f'latent source {view.source!r} unknown; use one of {", ".join(LATENT_SOURCES)}')
         return view
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that puts image_2 before image_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
 
 
 def _unique_name(stem: str, taken: Sequence[str]) -> str:
@@ -146,6 +152,7 @@ class ViewerBackend:
         return name
 
     def _load_anchors(self, dataset: str) -> None:
+        """The dataset latents, in sample_alpha.py's order (so that an alpha seed draws the same sample there)."""
         for path in inf.latents_in_folder(dataset):
             self.anchors[inf.latent_name(path)] = inf.load_latent(path, self.G).to(self.device)
 
@@ -159,7 +166,7 @@ class ViewerBackend:
     def info(self) -> dict:
         """What the page needs to build its controls."""
         return dict(network=self.network_pkl, identities=self.registry.names,
-                    latents=([MEAN_LATENT] + list(self.anchors)) if self.anchors else [],
+                    latents=([MEAN_LATENT] + sorted(self.anchors, key=_natural_key)) if self.anchors else [],
                     directions=list(self.directions), errors=list(self.errors), device=str(self.device),
                     resolution=int(self.G.img_resolution), max_identities=self.max_identities)
 
