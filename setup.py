@@ -32,7 +32,7 @@ setup(
         "face-recognition-models>=0.3.0",
     ],
     extras_require={
-        "dev": ["pytest>=7", "peft>=0.10"],
+        "dev": ["pytest>=7", "peft>=0.10", "selenium>=4.20"],
         "cuda": ["ninja>=1.10"],
     },
 )

@@ -47,6 +47,7 @@ MANIFEST = 'manifest.json'
 GROUNDTRUTH_ADAPTER = 'groundtruth-adapter.safetensors'
 NEURAL_RENDERING_RESOLUTION = 32  # the tiny base renders 32x32 features, superresolved to 128x128
 EVAL_SEED = 100_000  # renderer jitter of the evaluation renders, unlike any dataset render
+DEMO_SHAPE_LEVEL = 2.5  # the tiny base's raw density lies around 1.3-3.6, below EG3D's iso-level 10
 
 
 @dataclass(frozen=True)
@@ -415,6 +416,12 @@ def write_orbit(paths: DemoPaths, adapter_path: Path, path: Path, frames: int, f
     gen_videos.write_video(path, G, [ws], angles, fps, inf.DEFAULT_FOV_DEG, NEURAL_RENDERING_RESOLUTION,
                            render_seed=0, desc='orbit')
 
+def viewer_command(paths: DemoPaths, adapter_path: Path) -> str:
+    """The command that opens the demo identity in the browser viewer (eg3d/viewer.py, docs/viewer.md)."""
+    return (f'{shown(Path(sys.executable))} {shown(REPO_ROOT / "eg3d" / "viewer.py")} --network={shown(paths.base_pkl)} '
+            f'--adapter={shown(adapter_path)} --dataset={shown(paths.data)} --nrr={NEURAL_RENDERING_RESOLUTION} '
+            f'--shape-level={DEMO_SHAPE_LEVEL}')
+
 #----------------------------------------------------------------------------
 
 
@@ -516,6 +523,7 @@ def main(outdir, base_pkl, data, seed, views, heldout, strength, kimg, batch, lr
     for line in summary_lines(result, adapter_path, paths.base_pkl, video, teaser_path, timings):
         say(line)
     say(f'Everything of this run: {shown(run_dir)} (demo_summary.json has the numbers)')
+    say(f'See it in your browser (base beside personalized, any pose): {viewer_command(paths, adapter_path)}')
 
 
 if __name__ == '__main__':

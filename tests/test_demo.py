@@ -10,6 +10,7 @@ import torch
 
 import demo
 import legacy
+import viewer
 from training import adapters
 from training import inference as inf
 from training import synthetic_identity as si
@@ -161,3 +162,14 @@ def test_identity_check_notices_edits_and_other_settings(demo_run):
         assert not valid and 'dataset.json' in why
     finally:
         labels.write_text(original)
+
+
+def test_viewer_command_opens_the_demo_identity(tmp_path):
+    paths = demo.DemoPaths.from_options(str(tmp_path / 'base.pkl'), str(tmp_path / 'me'), str(tmp_path / 'runs'))
+    adapter = tmp_path / 'runs' / '00000-demo' / 'adapter-000080.safetensors'
+    words = demo.viewer_command(paths, adapter).split()
+    assert words[1].endswith('viewer.py')
+    params = viewer.main.make_context('viewer', words[2:]).params
+    assert params['network_pkl'] == str(paths.base_pkl) and params['adapter_paths'] == (str(adapter),)
+    assert params['dataset'] == str(paths.data) and params['neural_rendering_resolution'] == 32
+    assert params['host'] == '127.0.0.1'
