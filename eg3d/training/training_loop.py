@@ -340,7 +340,12 @@ def training_loop(
         state_path = os.path.join(os.path.dirname(os.path.abspath(resume_pkl)), f'training-state-{kimg_tag(cur_nimg)}.pt')
         if os.path.isfile(state_path):
             state = torch.load(state_path, map_location=device, weights_only=True)
-            optimizer.load_state_dict(state['optimizer'])
+            try:
+                optimizer.load_state_dict(state['optimizer'])
+            except ValueError as err:  # LoRA+ recipes have two parameter groups, the others one
+                raise ValueError(f'{state_path}: the run used the recipe {state.get("recipe", {}).get("name", "my3dgen")!r}, '
+                                 f'whose optimizer state does not fit --recipe={recipe.name} ({err}); resume with the '
+                                 f'run\'s --recipe') from err
             if allocator is not None and state.get('allocator') is not None:
                 allocator.load_state_dict(state['allocator'])
             log(f'Restored optimizer state from {state_path}')
@@ -412,6 +417,7 @@ def training_loop(
         save_network(tag)
         save_adapters(tag, list(identity_names))
         state = dict(cur_nimg=cur_nimg, step=step, random_seed=random_seed, optimizer=optimizer.state_dict(),
+                     recipe=recipe.to_dict(),
                      allocator=allocator.state_dict() if allocator is not None else None,
                      validation=keeper.state_dict() if keeper is not None else None)
         _atomic_torch_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))

@@ -193,3 +193,10 @@ def test_early_stop_ends_the_run_and_heldout_views_are_never_trained_on(identity
     _, views = validation.split_heldout(IdentitySet(identity8.train), 1)
     assert len(seen) == result['step'] and len(set(seen)) > 1
     assert views.images[0].tobytes() not in seen
+
+
+def test_resuming_with_a_recipe_of_another_optimizer_layout_is_a_clear_error(oscillating, identity8, tmp_path):
+    lora_plus = dict(name='lora-plus', lr=0.01, betas=[0.9, 0.99], b_lr_ratio=4.0)
+    with pytest.raises(ValueError, match="the run used the recipe 'unstable'.*--recipe=lora-plus"):
+        _run_validated(tmp_path, identity8, resume_pkl=str(oscillating / 'network-snapshot-000000.003.pkl'),
+                       adapter_config=None, recipe=lora_plus)
