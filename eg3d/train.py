@@ -17,7 +17,9 @@ import torch
 import dnnlib
 import legacy
 from training import training_loop
+from training import validation
 from training.dataset import DatasetError, IdentitySet
+from training.recipe import DEFAULT_RECIPE, RECIPES
 
 #----------------------------------------------------------------------------
 
@@ -108,6 +110,8 @@ def print_options(c: dnnlib.EasyDict) -> None:
     if len(c.training_set_kwargs.identities) > 1:
         print(f'Identities:          {len(c.training_set_kwargs.identities)} (one adapter each)')
     print(f'Trainable:           {c.mode}')
+    print(f'Recipe:              {c.recipe["name"]} (Adam lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
+          f'{c.recipe["decay"]} rate)')
     print()
 
 
@@ -154,8 +158,13 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--tick',         help='Progress report interval in kimg (fractions allowed)', metavar='KIMG', type=POSITIVE, default=4, show_default=True)
 @click.option('--snap',         help='Snapshot interval in ticks', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--glr',          help='Learning rate of Adam', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0025, show_default=True)
-@click.option('--betas',        help='Adam betas', metavar='B1,B2', type=parse_floats, default='0,0.99', show_default=True)
+@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
+@click.option('--glr',          help="Peak learning rate of Adam  [default: the recipe's]", metavar='FLOAT', type=POSITIVE)
+@click.option('--betas',        help="Adam betas  [default: the recipe's]", metavar='B1,B2', type=parse_floats)
+# Validation.
+@click.option('--val-views',    'val_views', help='Views of each identity held out for validation (spread over the poses)  [default: 1 in 8, at most 8; 0 = none]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--val-data',     'val_data', help='Validation views in a folder (an identity folder, or one per training identity) instead of held-out views', metavar='DIR')
+@click.option('--early-stop',   'early_stop', help='Stop after this many ticks without a better validation score  [default: never]', metavar='TICKS', type=click.IntRange(min=1))
 # Adapters.
 @click.option('--lora',         help='LoRA rank; 0 = full fine-tuning of the generator', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--lora_alpha',   help='LoRA alpha (delta scaled by alpha/r)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
@@ -238,8 +247,16 @@ def main(**kwargs):
         fail(f'--metrics={",".join(opts.metrics)}: quality metrics (FID, KID, ...) are not available in personalization '
              'training: this project has no metric implementations nor their Inception weights offline. '
              'Pass --metrics=none (the default).')
-    if len(opts.betas) != 2:
+    if opts.betas is not None and len(opts.betas) != 2:
         fail('--betas takes two numbers, e.g. --betas=0,0.99')
+    try:
+        recipe = RECIPES[opts.recipe].with_overrides(lr=opts.glr, betas=opts.betas)
+    except ValueError as err:
+        fail(f'--glr / --betas: {err}')
+    if opts.val_data is not None and opts.val_views is not None:
+        fail('--val-data names the validation views; --val-views holds views out of --data instead: pass one of them')
+    if opts.early_stop is not None and opts.val_views == 0:
+        fail('--early-stop needs validation; it cannot work with --val-views=0')
 
     # Objective.
     if (opts.id_regularization or opts.sym_regularization) and not opts.id_model:
@@ -305,6 +322,13 @@ def main(**kwargs):
         training_set = IdentitySet(opts.data, resolution=resolution, num_ws=num_ws, w_dim=w_dim, xflip=opts.mirror)
     except DatasetError as err:
         fail(str(err))
+    try:
+        train_part, val_set = validation.make_views(training_set, opts.val_views, opts.val_data, resolution, num_ws, w_dim)
+    except DatasetError as err:
+        fail(str(err))
+    if opts.early_stop is not None and val_set is None:
+        fail(f'--early-stop needs validation views, and --data={opts.data} has too few images for the default '
+             '--val-views (1 in 8): pass --val-views=N or --val-data=DIR')
     identities = training_set.identity_names
     if training_set.multi:
         if mode == 'full':
@@ -319,11 +343,13 @@ def main(**kwargs):
 
     c = dnnlib.EasyDict(
         training_set_kwargs=dnnlib.EasyDict(path=opts.data, xflip=opts.mirror, resolution=resolution,
-                                            max_size=len(training_set), identities=identities),
+                                            max_size=len(train_part), identities=identities),
         resume_pkl=opts.resume, trust_pickle=opts.trust_pickle, cfg=opts.cfg,
         g_num_fp16_res=opts.g_num_fp16_res, sr_num_fp16_res=opts.sr_num_fp16_res,
         adapter_config=adapter_config, freeze_render=opts.freeze_render, mode=mode,
-        G_opt_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.glr, betas=opts.betas, eps=1e-8),
+        G_opt_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=recipe.lr, betas=list(recipe.betas), eps=recipe.eps),
+        recipe=recipe.to_dict(),
+        val_views=opts.val_views, val_data=opts.val_data, early_stop=opts.early_stop,
         loss_kwargs=dnnlib.EasyDict(lpips_net=opts.lpips,
                                     id_model=opts.id_model if (opts.id_regularization or opts.sym_regularization) else None,
                                     id_weight=opts.id_weight if opts.id_regularization else 0.0,

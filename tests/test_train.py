@@ -13,6 +13,7 @@ import legacy
 import train
 from training import adapters
 from training import synthetic_identity as si
+from training.recipe import DEFAULT_RECIPE, RECIPES
 from training.dataset import read_identity
 
 USER_COMMAND = ('--outdir={outdir} --data={data} --resume={resume} --cfg=ffhq --batch=4 --gpus=4 --snap=5 --kimg=500 '
@@ -44,9 +45,21 @@ def test_the_users_command_parses_exactly_as_written(identity, tmp_path, monkeyp
     assert c.network_snapshot_ticks == 5 and c.cfg == 'ffhq' and c.freeze_render is False
     assert c.adapter_config['r'] == 1 and c.adapter_config['alpha'] == 1 and c.adapter_config['adalora'] is False
     assert c.adapter_config['targets'] == ['synthesis', 'superresolution']
-    assert c.loss_kwargs.lpips_net == 'alex' and c.G_opt_kwargs.lr == 0.0025 and c.G_opt_kwargs.betas == [0, 0.99]
+    assert c.loss_kwargs.lpips_net == 'alex' and c.recipe == RECIPES[DEFAULT_RECIPE].to_dict()
+    assert c.val_views is None and c.val_data is None and c.early_stop is None
     assert c.allow_tf32 is False  # official numerics unless asked
     assert captured['desc'] == 'ffhq-train-gpus4-batch4-lora1'
+
+
+def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_path, monkeypatch):
+    captured = {}
+    result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}', '--lora=1',
+                      '--recipe=my3dgen'] + TINY, monkeypatch, captured)
+    assert result.exit_code == 0, result.output
+    c = captured['c']
+    assert c.G_opt_kwargs == dict(class_name='torch.optim.Adam', lr=0.0025, betas=[0.0, 0.99], eps=1e-8)
+    assert c.recipe == dict(name='my3dgen', lr=0.0025, betas=[0.0, 0.99], eps=1e-8, warmup=0.0, decay='constant',
+                            final_lr=1.0, b_lr_ratio=1.0, grad_clip=None)
 
 
 @pytest.mark.parametrize('flags, check', [
@@ -92,6 +105,12 @@ def test_dry_run_checks_and_writes_nothing(identity, tmp_path):
     (['--batch=3', '--gpus=2'], '--batch must be a multiple of --gpus'),
     (['--batch=4', '--batch-gpu=3'], '--batch must be a multiple of --gpus times --batch-gpu'),
     (['--lora=1', '--lora_targets=synthesis,eyes'], 'adapter options'),
+    (['--val-views=4'], '--val-views=4 would leave none for training'),
+    (['--val-views=1', '--val-data=/x'], '--val-data names the validation views'),
+    (['--early-stop=3'], '--early-stop needs validation views'),
+    (['--early-stop=3', '--val-views=0'], '--early-stop needs validation'),
+    (['--val-data=/nonexistent/views'], "'/nonexistent/views'"),
+    (['--glr=0.01', '--betas=1,0.99'], 'betas must be two numbers in [0, 1)'),
 ])
 def test_option_errors(identity, tmp_path, flags, message):
     result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}'] + TINY + flags)
@@ -189,8 +208,12 @@ def test_end_to_end_lora_recovers_the_person(person, tmp_path, monkeypatch, conv
                  f'adapter-{tag}.safetensors', f'training-state-{tag}.pt', f'grid-{tag}.png', 'grid-000000-start.png']:
         assert name in files, name
     stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
-    assert len(stats) == 2 and stats[-1]['step'] == E2E_STEPS and 'sec_per_kimg' in stats[-1]
+    assert len(stats) == 3 and stats[-1]['step'] == E2E_STEPS and 'sec_per_kimg' in stats[-1]
     assert 'mem/cpu_rss_gb' in stats[-1] and 'loss/mse' in stats[-1]
+    # The default validation: 1 of the 10 views held out, scored at the start and every tick; the best is kept.
+    assert stats[0]['step'] == 0 and all('val/mse' in s and 'val/psnr_raw' in s for s in stats)
+    assert {'adapter-best.safetensors', 'network-snapshot-best.pkl', 'best.json'} <= files
+    assert json.load(open(run / 'best.json'))['run']['loss'] == min(s['val/loss'] for s in stats)
 
     base = legacy.load_network_pkl(person.base_pkl)['G']
     snapshot = legacy.load_network_pkl(str(run / f'network-snapshot-{tag}.pkl'))

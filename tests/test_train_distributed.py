@@ -68,12 +68,12 @@ def test_torchrun_launch_equals_one_process(identity, single_process_run, tmp_pa
         port = s.getsockname()[1]
     outdir = tmp_path / 'torchrun'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2', '--rdzv-backend=c10d',
-           f'--rdzv-endpoint=127.0.0.1:{port}', 'train.py'] + _args(identity, outdir, 0.002)
+           f'--rdzv-endpoint=127.0.0.1:{port}', 'train.py'] + _args(identity, outdir, 0.004)  # the rate schedule depends on --kimg
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, cwd=EG3D_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two, log = _adapter(outdir, '000000.002')
-    one, _ = _adapter(single_process_run, '000000.002')
+    two, log = _adapter(outdir, '000000.004')
+    one, _ = _adapter(single_process_run, '000000.004')
     _assert_close(two, one)
     assert 'identical on all 2 processes' in log
 

@@ -130,3 +130,17 @@ def test_resume_with_other_identities_is_refused(people, multi, tmp_path):
                                              f'--resume={multi / f"network-snapshot-{half}.pkl"}'] + TINY)
     assert result.exit_code != 0 and "identities ['person_0', 'person_1']" in result.output
     assert os.listdir(tmp_path) == []
+
+
+def test_validation_scores_each_identity_and_keeps_its_best_adapter(people, tmp_path):
+    """--val-data with one folder per identity: per-identity scores, per-identity best files, a best snapshot."""
+    run = _train(tmp_path, people.people, people.base_pkl, batch=2, extra=[f'--val-data={people.heldout}'])
+    stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
+    assert all(f'val/{name}/mse' in s and f'val/{name}/psnr' in s for s in stats for name in people.names)
+    record = json.load(open(run / 'best.json'))
+    for name in people.names:
+        best = min(stats, key=lambda s: s[f'val/{name}/loss'])
+        assert record[name]['step'] == best['step'] and record[name]['files'] == [f'adapters/{name}-best.safetensors']
+        assert (run / 'adapters' / f'{name}-best.safetensors').is_file()
+    assert record['run']['step'] == min(stats, key=lambda s: s['val/loss'])['step']
+    assert (run / 'network-snapshot-best.pkl').is_file() and not (run / 'adapter-best.safetensors').exists()

@@ -1,7 +1,11 @@
 """Personalization training loop: fine-tune adapters (or the whole generator) on one or more identities.
 
     dataset -> batch (image, camera, latent, identity) -> G.synthesis -> loss terms -> adapter gradients
-            -> all-reduce -> Adam step (-> AdaLoRA rank allocation) -> log / snapshot
+            -> all-reduce -> (clip) -> Adam step at the recipe's rate (-> AdaLoRA rank allocation)
+            -> every tick: log, score the held-out views, keep the best files (-> early stop) / snapshot
+
+The optimizer and its schedule come from a recipe (`training/recipe.py`); the held-out views, their
+scores and the best-so-far state from `training/validation.py`.
 
 With K identities (a folder of identity folders) the frozen base holds K adapters and each sample
 is rendered with its identity's adapter; batches give every identity the same share of samples,
@@ -35,6 +39,8 @@ from torch_utils import custom_ops
 from torch_utils import misc
 from training import adapters
 from training import configs
+from training import recipe as recipes
+from training import validation
 from training.adapters.inject import adapter_layers
 from training.dataset import IdentitySet
 from training.loss import PersonalizationLoss
@@ -173,7 +179,11 @@ def training_loop(
     sr_num_fp16_res: Optional[int] = None,
     adapter_config: Optional[dict] = None,    # AdapterConfig.to_dict(); None = full fine-tuning.
     freeze_render: bool = False,              # Decoder (and renderer) get no gradients.
-    G_opt_kwargs: dict = None,                # lr, betas, eps of Adam.
+    G_opt_kwargs: dict = None,                # lr, betas, eps of Adam (a constant rate when no recipe is given).
+    recipe: Optional[dict] = None,            # recipes.Recipe.to_dict(): optimizer, schedule, clipping.
+    val_views: Optional[int] = None,          # Views of each identity held out for validation; None = default.
+    val_data: Optional[str] = None,           # Folder of validation views instead (nothing is held out).
+    early_stop: Optional[int] = None,         # Stop after this many validations without improvement.
     loss_kwargs: dict = None,                 # lpips_net, id_model, id_weight, sym_weight, density_reg(_p_dist).
     neural_rendering_resolution: Optional[int] = None,  # None = the superresolution module's input size.
     density_reg_every: int = 4,               # Lazy regularisation interval (density, symmetric identity).
@@ -200,6 +210,9 @@ def training_loop(
                          '(run evaluate.py on the snapshots)')
     training_set_kwargs = dict(training_set_kwargs or {})
     G_opt_kwargs = dict(G_opt_kwargs or dict(lr=0.0025, betas=[0, 0.99], eps=1e-8))
+    recipe = (recipes.Recipe.from_dict(recipe) if recipe is not None else
+              recipes.Recipe('constant', lr=G_opt_kwargs['lr'], betas=G_opt_kwargs['betas'],
+                             eps=G_opt_kwargs.get('eps', 1e-8)))
     loss_kwargs = dict(loss_kwargs or {})
     start_time = time.time()
     device = torch.device('cuda', local_rank) if device == 'cuda' else torch.device('cpu')
@@ -262,6 +275,8 @@ def training_loop(
                                num_ws=G.backbone.num_ws, w_dim=G.w_dim, xflip=training_set_kwargs.get('xflip', False))
     identity_names = training_set.identity_names
     K = training_set.num_identities
+    training_set, val_set = validation.make_views(training_set, val_views, val_data, G.img_resolution,
+                                                  G.backbone.num_ws, G.w_dim)
     training_set_kwargs.update(class_name='training.dataset.IdentitySet', resolution=training_set.resolution,
                                max_size=len(training_set), use_labels=True, identities=list(identity_names))
     images = torch.from_numpy(training_set.images)
@@ -269,6 +284,11 @@ def training_loop(
     latents = torch.from_numpy(training_set.latents)
     log(f'Dataset: {len(training_set)} images ({training_set.path}), {training_set.resolution}px, '
         f'latents {list(latents.shape[1:])}{", with x-flips" if training_set.xflip else ""}')
+    if val_set is not None:
+        log(f'Validation: {len(val_set)} views from {val_set.source}, never trained on: {", ".join(val_set.names)}')
+    else:
+        log('Validation: none (--val-views=0, or under 8 images per identity for the default): no best files, '
+            'the last snapshot is the result.')
     if training_set.multi:
         log(f'{K} identities: ' + ', '.join(f'{n} ({s})' for n, s in zip(identity_names, training_set.sizes)))
         if adapter_config is None:
@@ -317,8 +337,8 @@ def training_loop(
         if any(g != names for g in gathered):
             raise RuntimeError('processes disagree on which parameters are trainable')
 
-    optimizer = torch.optim.Adam(trainable, lr=G_opt_kwargs['lr'], betas=tuple(float(b) for b in G_opt_kwargs['betas']),
-                                 eps=G_opt_kwargs.get('eps', 1e-8))
+    optimizer = recipes.make_optimizer(G, trainable, recipe)
+    log(f'Recipe {recipe.name}: {recipe.to_dict()}')
     allocator = adapters.RankAllocator(G, cfg_obj) if (cfg_obj is not None and cfg_obj.adalora) else None
 
     # Loss: reconstruction (MSE + LPIPS, two resolutions) + optional identity terms + density reg.
@@ -332,17 +352,33 @@ def training_loop(
                                   density_reg_p_dist=loss_kwargs.get('density_reg_p_dist'))
     lazy_reg = loss_fn.has_lazy_terms(G) and density_reg_every > 0
 
-    # Resume the counters, optimizer and rank allocator of a run we continue.
+    # Best-so-far validation state (per identity, and the run's mean).
+    best_files = validation.best_file_names(list(identity_names), training_set.multi, cfg_obj is not None)
+    keeper = validation.BestKeeper(list(best_files)) if val_set is not None else None
+
+    # Resume the counters, optimizer, rank allocator and best-so-far state of a run we continue.
     cur_nimg, step = 0, 0
     if continuing:
         cur_nimg, step = int(progress['cur_nimg']), int(progress['step'])
         state_path = os.path.join(os.path.dirname(os.path.abspath(resume_pkl)), f'training-state-{kimg_tag(cur_nimg)}.pt')
         if os.path.isfile(state_path):
             state = torch.load(state_path, map_location=device, weights_only=True)
-            optimizer.load_state_dict(state['optimizer'])
+            try:
+                optimizer.load_state_dict(state['optimizer'])
+            except ValueError as err:  # LoRA+ recipes have two parameter groups, the others one
+                raise ValueError(f'{state_path}: the run used the recipe {state.get("recipe", {}).get("name", "my3dgen")!r}, '
+                                 f'whose optimizer state does not fit --recipe={recipe.name} ({err}); resume with the '
+                                 f'run\'s --recipe') from err
             if allocator is not None and state.get('allocator') is not None:
                 allocator.load_state_dict(state['allocator'])
             log(f'Restored optimizer state from {state_path}')
+            if keeper is not None and state.get('validation') is not None:
+                keeper.load_state_dict(state['validation'])
+                if rank == 0:
+                    copied = validation.copy_best_files(os.path.dirname(os.path.abspath(resume_pkl)), run_dir, keeper,
+                                                        best_files)
+                    log(f'Restored the best-so-far validation state ({keeper.best[validation.RUN]["loss"]:.6g} at '
+                        f'{keeper.best[validation.RUN]["kimg"]:g} kimg) and its files: {", ".join(copied) or "none"}')
         else:
             log(f'Warning: {state_path} not found; the optimizer starts afresh (the run will not match an '
                 f'uninterrupted one).')
@@ -353,12 +389,7 @@ def training_loop(
     grid_args = (images[grid_idx].to(device), cameras[grid_idx].to(device), latents[grid_idx].to(device))
     grid_kwargs = dict(seed=random_seed, identity=training_set.identity[grid_idx.numpy()])
 
-    def save_snapshot() -> None:
-        tag = kimg_tag(cur_nimg)
-        if num_gpus > 1:
-            misc.check_ddp_consistency(G, ignore_regex=r'.*\.[^.]+_(avg|ema)')
-        if rank != 0:
-            return
+    def save_network(tag: str) -> None:
         snapshot_G = copy.deepcopy(G).eval().requires_grad_(False).cpu()
         snapshot = dict(G=snapshot_G, G_ema=snapshot_G, D=D, training_set_kwargs=dict(training_set_kwargs),
                         adapter_config=cfg_obj.to_dict() if cfg_obj is not None else None,
@@ -366,14 +397,52 @@ def training_loop(
                                              batch_size=batch_size, freeze_render=freeze_render,
                                              identities=list(identity_names)))
         legacy.save_network_pkl(snapshot, os.path.join(run_dir, f'network-snapshot-{tag}.pkl'))
+
+    def save_adapters(tag: str, names: list) -> None:
+        """adapter-<tag>.safetensors, or adapters/<name>-<tag>.safetensors for the identities `names`."""
         if cfg_obj is not None and not training_set.multi:
             adapters.save(G, os.path.join(run_dir, f'adapter-{tag}.safetensors'))
         elif cfg_obj is not None:
             os.makedirs(os.path.join(run_dir, 'adapters'), exist_ok=True)
             for k, name in enumerate(identity_names):
-                adapters.save(G, os.path.join(run_dir, 'adapters', f'{name}-{tag}.safetensors'), index=k)
+                if name in names:
+                    adapters.save(G, os.path.join(run_dir, 'adapters', f'{name}-{tag}.safetensors'), index=k)
+
+    def save_best(improved: list) -> None:
+        """Rewrite the best files of the keys whose validation score improved (rank 0), and best.json."""
+        if rank != 0:
+            return
+        if validation.RUN in improved:
+            save_network('best')
+            if not training_set.multi:
+                save_adapters('best', list(identity_names))
+        if training_set.multi:
+            save_adapters('best', [name for name in improved if name != validation.RUN])
+        validation.write_best_record(run_dir, keeper, best_files)
+
+    def validate() -> Optional[dict]:
+        """Score the held-out views (rank 0; every process gets the scores) and keep the best files."""
+        if val_set is None:
+            return None
+        scores = [validation.score_views(G, val_set, loss_fn, neural_rendering_resolution, random_seed, device,
+                                         batch=batch_gpu) if rank == 0 else None]
+        if num_gpus > 1:
+            torch.distributed.broadcast_object_list(scores, src=0)
+        save_best(keeper.update(scores[0], cur_nimg, step))
+        return scores[0]
+
+    def save_snapshot() -> None:
+        tag = kimg_tag(cur_nimg)
+        if num_gpus > 1:
+            misc.check_ddp_consistency(G, ignore_regex=r'.*\.[^.]+_(avg|ema)')
+        if rank != 0:
+            return
+        save_network(tag)
+        save_adapters(tag, list(identity_names))
         state = dict(cur_nimg=cur_nimg, step=step, random_seed=random_seed, optimizer=optimizer.state_dict(),
-                     allocator=allocator.state_dict() if allocator is not None else None)
+                     recipe=recipe.to_dict(),
+                     allocator=allocator.state_dict() if allocator is not None else None,
+                     validation=keeper.state_dict() if keeper is not None else None)
         _atomic_torch_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))
         if grid_count > 0:
             save_image_grid(G, *grid_args, neural_rendering_resolution, os.path.join(run_dir, f'grid-{tag}.png'),
@@ -391,6 +460,16 @@ def training_loop(
             tb_writer = SummaryWriter(run_dir)
         except ImportError:
             pass  # TensorBoard is optional.
+    if not continuing and val_set is not None:  # the starting point is scored, and is the first best
+        start_scores = validate()
+        if rank == 0:
+            start_stats = validation.stats_entries(start_scores, keeper)
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(dict(tick=0, kimg=0.0, step=0, timestamp=time.time(), **start_stats)) + '\n')
+            if tb_writer is not None:
+                for key, value in start_stats.items():
+                    tb_writer.add_scalar(key, value, global_step=0)
+        log(f'Validation at the start: {validation.format_scores(start_scores)}')
 
     # Main loop.
     total_nimg = int(round(total_kimg * 1000))
@@ -413,6 +492,7 @@ def training_loop(
         indices = torch.from_numpy(training_set.batch_indices(batch_size, step, random_seed))
         regularize = lazy_reg and step % density_reg_every == 0
         optimizer.zero_grad(set_to_none=True)
+        lr = recipes.set_learning_rate(optimizer, recipe, cur_nimg, total_nimg)
         step_terms: dict = {}
         for chunk in range(rank, num_chunks, num_gpus):
             idx = indices[chunk * batch_gpu:(chunk + 1) * batch_gpu]
@@ -439,6 +519,7 @@ def training_loop(
         # Adapter gradients, summed over processes; Adam step; AdaLoRA budget and masks.
         bad = all_reduce_gradients(trainable, num_gpus)
         nonfinite += torch.stack([bad, (bad > 0).long()])
+        recipes.clip_gradients(trainable, recipe)
         optimizer.step()
         log_op_fallbacks()
         if allocator is not None:
@@ -467,9 +548,12 @@ def training_loop(
         tick_kimg = (cur_nimg - tick_start_nimg) / 1000
         stats = {'tick': cur_nimg // tick_nimg, 'kimg': cur_nimg / 1000, 'step': step, 'timestamp': time.time(),
                  'sec_per_tick': tick_time, 'sec_per_kimg': tick_time / max(tick_kimg, 1e-9),
-                 'sec_per_step': tick_time / max(step - tick_start_step, 1), 'lr': G_opt_kwargs['lr']}
+                 'sec_per_step': tick_time / max(step - tick_start_step, 1), 'lr': lr}
         stats.update({f'loss/{n}': v for n, v in values.items()})
         stats['grad/nonfinite_entries'], stats['grad/nonfinite_steps'] = (int(v) for v in nonfinite.tolist())
+        scores = validate()
+        if scores is not None:
+            stats.update(validation.stats_entries(scores, keeper))
         if training_set.multi:  # mean total loss of each identity's samples in this tick
             stats.update({f'identity/{name}/loss': float(per_identity[0, k] / max(per_identity[1, k], 1))
                           for k, name in enumerate(identity_names)})
@@ -492,7 +576,16 @@ def training_loop(
             log(f'tick {stats["tick"]:<4d} kimg {cur_nimg / 1000:<8.3f} step {step:<6d} '
                 f'time {dnnlib.util.format_time(time.time() - start_time):<10s} sec/kimg {stats["sec_per_kimg"]:<8.2f} '
                 f'loss {values.get("total", float("nan")):.4f} ({loss_parts})')
-        bar.set_postfix(kimg=f'{cur_nimg / 1000:.3f}', loss=f'{values.get("total", float("nan")):.4f}')
+            if scores is not None:
+                log(f'    validation: {validation.format_scores(scores)}')
+        postfix = dict(kimg=f'{cur_nimg / 1000:.3f}', loss=f'{values.get("total", float("nan")):.4f}')
+        if scores is not None:
+            postfix.update(val=f'{scores[validation.RUN]["loss"]:.4f}', best=f'{keeper.best[validation.RUN]["loss"]:.4f}')
+        bar.set_postfix(**postfix)
+        if keeper is not None and keeper.should_stop(early_stop):
+            log(f'Early stop: no validation improvement in {early_stop} ticks; the best is at '
+                f'{keeper.best[validation.RUN]["kimg"]:g} kimg.')
+            done = True
         if done or (cur_nimg // tick_nimg) % network_snapshot_ticks == 0:
             save_snapshot()
         sums = {}
@@ -504,4 +597,4 @@ def training_loop(
     if tb_writer is not None:
         tb_writer.close()
     log(f'Done: {cur_nimg / 1000:g} kimg, {step} steps.')
-    return dict(cur_nimg=cur_nimg, step=step, G=G)
+    return dict(cur_nimg=cur_nimg, step=step, G=G, best=keeper.best if keeper is not None else None)

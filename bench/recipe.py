@@ -1,0 +1,228 @@
+"""Training recipes compared on synthetic identities: held-out quality against images seen.
+
+    OMP_NUM_THREADS=1 python bench/recipe.py                         # default recipe vs my3dgen, 4 identities
+    OMP_NUM_THREADS=1 python bench/recipe.py --recipes=my3dgen,adapter,adapter-b1 --identities=1
+
+Each identity is made by `training/synthetic_identity.py` (its own tiny base, a rank-1 change of
+every conv weight, FFHQ-like cameras): `--views` training selfies and `--heldout` more at other
+poses. Every recipe trains a rank-1 LoRA on the unchanged base with the real training loop,
+`--val-data` = the held-out poses (so nothing is taken from training), scored every tick.
+
+Quality is the held-out MSE closed, 1 - mse / mse(base), in percent: 100 = the person exactly.
+Per recipe (mean, and the spread over identities and seeds as min-max):
+  - images to reach My3DGen's best: the first tick at which the recipe is at least as good as the
+    best tick of the `my3dgen` run on the same identity and seed; the speed-up is their ratio;
+  - best and final quality at the same compute (the same number of images);
+  - the largest drop below the running best after the first 10% of training (points of MSE closed).
+Writes results.json and curves.png (mean curve per recipe, min-max band) under --outdir; runs that
+already finished there are reused. Variants for ablations are named `adapter-<change>` (see VARIANTS).
+"""
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'eg3d'))
+
+from training import recipe as recipes  # noqa: E402  (needs the path above)
+from training import synthetic_identity as si  # noqa: E402
+
+# Ablations of the default recipe: one change each.
+VARIANTS = {
+    'adapter-b1': dict(b_lr_ratio=1.0),                        # no LoRA+
+    'adapter-b16': dict(b_lr_ratio=16.0),                      # more LoRA+
+    'adapter-nomomentum': dict(betas=(0.0, 0.99)),             # EG3D's betas
+    'adapter-constant': dict(warmup=0.0, decay='constant'),    # no schedule
+    'adapter-clip': dict(grad_clip=0.1),                       # gradient clipping
+    'adapter-lr2x': None,                                      # twice the rate (filled in below)
+    'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
+}
+
+
+def get_recipe(name: str) -> recipes.Recipe:
+    if name in recipes.RECIPES:
+        return recipes.RECIPES[name]
+    default = recipes.RECIPES['adapter']
+    if name == 'adapter-lr2x':
+        return dataclasses.replace(default, name=name, lr=2 * default.lr)
+    if name == 'my3dgen-cosine':
+        return dataclasses.replace(recipes.RECIPES['my3dgen'], name=name, warmup=default.warmup, decay='cosine',
+                                   final_lr=0.0)
+    if name in VARIANTS:
+        return dataclasses.replace(default, name=name, **VARIANTS[name])
+    raise SystemExit(f'unknown recipe {name!r}: {", ".join(list(recipes.RECIPES) + list(VARIANTS))}')
+
+
+def settings_hash(name: str, args: argparse.Namespace) -> str:
+    """Short hash of what a run depends on, so that finished runs are reused only when nothing changed."""
+    import hashlib
+    key = json.dumps([get_recipe(name).to_dict(), args.batch, args.kimg, args.tick], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def train_one(job: dict) -> str:
+    """One training run (in a worker process); returns its stats.jsonl."""
+    import torch
+    torch.set_num_threads(1)
+    from training.training_loop import training_loop
+    stats = os.path.join(job['run_dir'], 'stats.jsonl')
+    done = os.path.join(job['run_dir'], 'done')
+    if os.path.isfile(done):
+        return stats
+    if os.path.isdir(job['run_dir']):
+        import shutil
+        shutil.rmtree(job['run_dir'])
+    os.makedirs(job['run_dir'])
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        training_loop(run_dir=job['run_dir'], training_set_kwargs=dict(path=job['train']), resume_pkl=job['base_pkl'],
+                      cfg='resume', neural_rendering_resolution=32, batch_size=job['batch'], batch_gpu=job['batch'],
+                      total_kimg=job['kimg'], kimg_per_tick=job['tick'], network_snapshot_ticks=10**6,
+                      random_seed=job['seed'], device='cpu', grid_rows=0, progress_bar=False,
+                      loss_kwargs=dict(lpips_net='none'), adapter_config=dict(r=1, alpha=1.0),
+                      recipe=get_recipe(job['recipe']).to_dict(), val_data=job['heldout'])
+    open(done, 'w').close()
+    return stats
+
+
+def closed_curve(stats_path: str):
+    """(images seen [T], held-out MSE closed in % [T]) from a run's stats.jsonl (tick 0 = the base)."""
+    rows = [json.loads(line) for line in open(stats_path)]
+    nimg = np.array([round(r['kimg'] * 1000) for r in rows])
+    mse = np.array([r['val/mse'] for r in rows])
+    return nimg, 100 * (1 - mse / mse[0])
+
+
+def summarize(curves: dict, names: list, total: int) -> dict:
+    """Per recipe: speed-up to My3DGen's best, best/final quality, worst drop after 10%, with spreads."""
+    out = {}
+    for name in names:
+        rows = []
+        for key, (nimg, closed) in curves[name].items():
+            ref_nimg, ref_closed = curves['my3dgen'][key]
+            ref_best = ref_closed.max()
+            ref_at = ref_nimg[int(np.argmax(ref_closed))]
+            reached = np.flatnonzero(closed >= ref_best - 1e-9)
+            at = nimg[reached[0]] if len(reached) else None
+            running = np.maximum.accumulate(closed)
+            late = nimg > 0.1 * total
+            rows.append(dict(identity=key, my3dgen_best=float(ref_best), my3dgen_best_at=int(ref_at),
+                             reach_images=None if at is None else int(at),
+                             speedup=None if at is None or at == 0 else float(ref_at / at),
+                             best=float(closed.max()), final=float(closed[-1]),
+                             worst_drop=float((running - closed)[late].max()) if late.any() else 0.0))
+        speedups = [r['speedup'] for r in rows if r['speedup'] is not None]
+        out[name] = dict(runs=rows, reached=f'{len(speedups)}/{len(rows)}',
+                         speedup_mean=float(np.mean(speedups)) if speedups else None,
+                         speedup_min=float(np.min(speedups)) if speedups else None,
+                         **{f'{m}_{agg}': float(fn([r[m] for r in rows]))
+                            for m in ('best', 'final', 'worst_drop') for agg, fn in
+                            (('mean', np.mean), ('min', np.min), ('max', np.max))})
+    return out
+
+
+def plot(curves: dict, names: list, path: str, width: int = 900, height: int = 520) -> None:
+    """Mean MSE-closed curve per recipe with its min-max band (PIL only, no plotting dependency)."""
+    colours = [(200, 60, 40), (40, 110, 200), (60, 160, 80), (150, 80, 180), (220, 150, 30), (90, 90, 90), (20, 170, 170)]
+    img = PIL.Image.new('RGB', (width, height), 'white')
+    draw = PIL.ImageDraw.Draw(img)
+    left, top, right, bottom = 70, 30, width - 200, height - 50
+    xmax = max(int(n.max()) for c in curves.values() for n, _ in c.values())
+    lo = min(0.0, min(float(v.min()) for c in curves.values() for _, v in c.values()))
+    to_xy = lambda n, v: (left + (right - left) * n / xmax, bottom - (bottom - top) * (v - lo) / (100 - lo))
+    for v in range(int(np.ceil(lo / 20) * 20), 101, 20):
+        y = to_xy(0, v)[1]
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.text((left - 40, y - 6), f'{v}%', fill='black')
+    for n in np.linspace(0, xmax, 5):
+        x = to_xy(n, lo)[0]
+        draw.text((x - 10, bottom + 8), f'{int(n)}', fill='black')
+    draw.rectangle([left, top, right, bottom], outline='black')
+    draw.text((left, bottom + 28), 'images seen', fill='black')
+    draw.text((left, 8), 'held-out MSE closed (mean over identities; band: min-max)', fill='black')
+    for i, name in enumerate(names):
+        colour = colours[i % len(colours)]
+        nimg = next(iter(curves[name].values()))[0]
+        stack = np.stack([v for _, v in curves[name].values()])
+        band = [to_xy(n, v) for n, v in zip(nimg, stack.max(0))] + [to_xy(n, v) for n, v in zip(nimg[::-1], stack.min(0)[::-1])]
+        overlay = PIL.Image.new('RGBA', img.size, (0, 0, 0, 0))
+        PIL.ImageDraw.Draw(overlay).polygon(band, fill=colour + (45,))
+        img.paste(overlay, (0, 0), overlay)
+        draw = PIL.ImageDraw.Draw(img)
+        draw.line([to_xy(n, v) for n, v in zip(nimg, stack.mean(0))], fill=colour, width=3)
+        draw.line([(right + 15, top + 10 + 22 * i), (right + 40, top + 10 + 22 * i)], fill=colour, width=3)
+        draw.text((right + 46, top + 4 + 22 * i), name, fill='black')
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--recipes', default='my3dgen,adapter', help='comma-separated; my3dgen is always included')
+    parser.add_argument('--identities', type=int, default=4, help='synthetic identities (seeds 0, 10, 20, ...)')
+    parser.add_argument('--seeds', default='0', help='training seeds, comma-separated')
+    parser.add_argument('--views', type=int, default=16, help='training selfies per identity')
+    parser.add_argument('--strength', type=float, default=0.5, help='size of the rank-1 personal change')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--heldout-views', dest='heldout', type=int, default=2, help='held-out poses per identity (the validation views)')
+    parser.add_argument('--kimg', type=float, default=0.12, help='run length (every recipe gets the same)')
+    parser.add_argument('--tick', type=float, default=0.008, help='validation interval in kimg')
+    parser.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
+    parser.add_argument('--outdir', default='bench-out/recipe')
+    args = parser.parse_args()
+
+    names = list(dict.fromkeys(['my3dgen'] + [n for n in args.recipes.split(',') if n]))
+    for name in names:
+        get_recipe(name)
+    seeds = [int(s) for s in args.seeds.split(',')]
+    jobs = []
+    for k in range(args.identities):
+        person = si.ensure_identity(os.path.join(args.outdir, f'identity-{k}'), seed=10 * k, views=args.views,
+                                    heldout=args.heldout, strength=args.strength)
+        for seed in seeds:
+            for name in names:
+                jobs.append(dict(train=person.train, heldout=person.heldout, base_pkl=person.base_pkl, recipe=name,
+                                 seed=seed, batch=args.batch, kimg=args.kimg, tick=args.tick, key=f'identity-{k}/seed-{seed}',
+                                 run_dir=os.path.join(args.outdir, 'runs', f'identity-{k}', f'seed-{seed}',
+                                                      f'{name}-{settings_hash(name, args)}')))
+    start = time.time()
+    with multiprocessing.get_context('spawn').Pool(args.jobs) as pool:
+        paths = pool.map(train_one, jobs, chunksize=1)
+    curves = {name: {} for name in names}
+    for job, path in zip(jobs, paths):
+        curves[job['recipe']][job['key']] = closed_curve(path)
+    total = int(round(args.kimg * 1000))
+    summary = summarize(curves, names, total)
+    results = dict(args=vars(args), machine=f'{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}',
+                   date=time.strftime('%Y-%m-%d'), wall_seconds=round(time.time() - start),
+                   recipes={n: get_recipe(n).to_dict() for n in names}, summary=summary,
+                   curves={n: {k: dict(nimg=c[0].tolist(), closed=c[1].round(3).tolist()) for k, c in curves[n].items()}
+                           for n in names})
+    with open(os.path.join(args.outdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    plot(curves, names, os.path.join(args.outdir, 'curves.png'))
+
+    print(f'{len(curves["my3dgen"])} identity x seed runs per recipe, {total} images each, batch {args.batch}; '
+          f'held-out MSE closed (%), mean [min, max]\n')
+    print('| recipe | reaches My3DGen\'s best | images to get there: speed-up vs my3dgen | best | final | worst drop after 10% (points) |')
+    print('|---|---|---|---|---|---|')
+    for name in names:
+        s = summary[name]
+        speed = ('-' if s['speedup_mean'] is None else f'{s["speedup_mean"]:.1f}x (min {s["speedup_min"]:.1f}x)')
+        print(f'| {name} | {s["reached"]} | {speed} | {s["best_mean"]:.1f} [{s["best_min"]:.1f}, {s["best_max"]:.1f}] | '
+              f'{s["final_mean"]:.1f} [{s["final_min"]:.1f}, {s["final_max"]:.1f}] | '
+              f'{s["worst_drop_mean"]:.1f} [max {s["worst_drop_max"]:.1f}] |')
+    print(f'\nwrote {os.path.join(args.outdir, "results.json")} and curves.png ({time.time() - start:.0f} s)')
+
+
+if __name__ == '__main__':
+    main()

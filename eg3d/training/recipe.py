@@ -1,0 +1,136 @@
+"""Training recipes: the optimizer, its learning-rate schedule and gradient clipping, by name.
+
+A recipe is plain data (`Recipe`, serialisable to a dict for training_options.json):
+
+  optimizer = make_optimizer(G, trainable, recipe)    # Adam; LoRA+ puts the B factors in their own group
+  per step:   set_learning_rate(optimizer, recipe, cur_nimg, total_nimg)   # warm-up, then decay
+              clip_gradients(trainable, recipe)        # after the all-reduce, before the step
+
+`RECIPES['my3dgen']` is the paper's (EG3D's G optimizer at a constant rate); `RECIPES['adapter']`,
+the default, was chosen by `bench/recipe.py` (docs/training.md, "Recipes").
+"""
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+DECAYS = ('constant', 'cosine')
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Adam settings and schedule of a personalization run."""
+
+    name: str
+    lr: float                            # peak learning rate (of the A factors, or of every parameter)
+    betas: Tuple[float, float]           # Adam betas
+    eps: float = 1e-8
+    warmup: float = 0.0                  # fraction of the run's images with a linear warm-up from 0
+    decay: str = 'constant'              # after warm-up: 'constant', or 'cosine' down to final_lr * lr
+    final_lr: float = 1.0                # end of the cosine decay, as a fraction of lr
+    b_lr_ratio: float = 1.0              # LoRA+: learning rate of the B factors / lr
+    grad_clip: Optional[float] = None    # max global L2 norm of the trainable gradients; None = no clipping
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f'lr must be > 0, got {self.lr}')
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f'betas must be two numbers in [0, 1), got {list(self.betas)}')
+        if not 0 <= self.warmup < 1:
+            problems.append(f'warmup must be a fraction in [0, 1), got {self.warmup}')
+        if self.decay not in DECAYS:
+            problems.append(f'decay must be one of {DECAYS}, got {self.decay!r}')
+        if not 0 <= self.final_lr <= 1:
+            problems.append(f'final_lr must be in [0, 1], got {self.final_lr}')
+        if not self.b_lr_ratio > 0:
+            problems.append(f'b_lr_ratio must be > 0, got {self.b_lr_ratio}')
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f'grad_clip must be > 0 or None, got {self.grad_clip}')
+        if problems:
+            raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
+        object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(dataclasses.asdict(self), betas=list(self.betas))
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'Recipe':
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f'unknown recipe fields: {unknown}')
+        return cls(**d)
+
+    def with_overrides(self, lr: Optional[float] = None, betas: Optional[List[float]] = None) -> 'Recipe':
+        """This recipe with --glr / --betas applied where given."""
+        changes = {k: v for k, v in dict(lr=lr, betas=tuple(betas) if betas is not None else None).items()
+                   if v is not None}
+        return dataclasses.replace(self, **changes)
+
+
+RECIPES = {
+    # My3DGen / EG3D: Adam(lr 0.0025, betas (0, 0.99), eps 1e-8), one group, constant rate, no clipping.
+    'my3dgen': Recipe('my3dgen', lr=0.0025, betas=(0.0, 0.99)),
+    # Measured by bench/recipe.py (docs/training.md, "Recipes").
+    'adapter': Recipe('adapter', lr=0.01, betas=(0.9, 0.99), warmup=0.05, decay='cosine', final_lr=0.0,
+                      b_lr_ratio=4.0, grad_clip=None),
+}
+DEFAULT_RECIPE = 'adapter'
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f'unknown recipe {name!r}; choose one of {", ".join(RECIPES)}')
+    return RECIPES[name]
+
+#----------------------------------------------------------------------------
+
+
+def _is_b_factor(name: str) -> bool:
+    return name.endswith('.lora_B')
+
+
+def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Adam:
+    """Adam over `trainable` (in that order). Each group records `lr_scale`, its rate relative to recipe.lr.
+
+    With b_lr_ratio != 1 (LoRA+) the B factors of the adapters get their own group; otherwise there
+    is one group, exactly the optimizer EG3D builds.
+    """
+    groups = [dict(params=list(trainable), lr_scale=1.0)]
+    if recipe.b_lr_ratio != 1:
+        b_ids = {id(p) for name, p in G.named_parameters() if _is_b_factor(name)}
+        groups = [dict(params=[p for p in trainable if id(p) not in b_ids], lr_scale=1.0),
+                  dict(params=[p for p in trainable if id(p) in b_ids], lr_scale=recipe.b_lr_ratio)]
+        groups = [g for g in groups if g['params']]
+    for group in groups:
+        group['lr'] = recipe.lr * group['lr_scale']
+    return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+
+
+def lr_factor(recipe: Recipe, cur_nimg: int, total_nimg: int) -> float:
+    """Learning rate of the step that starts after `cur_nimg` images, as a fraction of recipe.lr."""
+    progress = min(max(cur_nimg / max(total_nimg, 1), 0.0), 1.0)
+    if recipe.warmup > 0 and progress < recipe.warmup:
+        return (cur_nimg + 1) / (recipe.warmup * total_nimg + 1)
+    if recipe.decay == 'constant':
+        return 1.0
+    span = max(1 - recipe.warmup, 1e-12)
+    cosine = 0.5 * (1 + math.cos(math.pi * (progress - recipe.warmup) / span))
+    return recipe.final_lr + (1 - recipe.final_lr) * cosine
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, recipe: Recipe, cur_nimg: int, total_nimg: int) -> float:
+    """Set every group's rate for the next step; returns the base rate (recipe.lr times the schedule)."""
+    lr = recipe.lr * lr_factor(recipe, cur_nimg, total_nimg)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)  # states saved before recipes had one group
+    return lr
+
+
+def clip_gradients(params: List[torch.nn.Parameter], recipe: Recipe) -> Optional[float]:
+    """Clip the global gradient norm to recipe.grad_clip; returns the norm before clipping (None: no clipping)."""
+    if recipe.grad_clip is None:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip))
