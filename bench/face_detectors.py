@@ -82,7 +82,7 @@ def main():
                 scale = min(1.0, 640 / max(photo.shape[:2]))
                 photos.append((face_models._resize(photo, scale), quad * scale))
     detectors = {**dlib_detectors(), **optional_detectors()}
-    print(f'| detector | found | seconds per photo |\n|---|---:|---:|')
+    print('| detector | found | seconds per photo |\n|---|---:|---:|')
     for name, detect in detectors.items():
         hits, seconds = 0, []
         for photo, quad in photos:

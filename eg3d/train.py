@@ -89,12 +89,18 @@ def launch_training(c: dnnlib.EasyDict, desc: str, outdir: str, dry_run: bool) -
         return
     c.run_dir = make_run_dir(outdir, desc)
     write_options(c, c.run_dir)
+    run_processes(subprocess_fn, c)
+
+
+def run_processes(fn, c: dnnlib.EasyDict) -> None:
+    """fn(rank, c, temp_dir) in this process for one GPU, else in one spawned process per GPU (the temporary
+    folder holds their rendezvous file)."""
     if c.num_gpus == 1:
-        subprocess_fn(0, c, '')
+        fn(0, c, '')
     else:
         torch.multiprocessing.set_start_method('spawn', force=True)
         with tempfile.TemporaryDirectory() as temp_dir:
-            torch.multiprocessing.spawn(fn=subprocess_fn, args=(c, temp_dir), nprocs=c.num_gpus)
+            torch.multiprocessing.spawn(fn=fn, args=(c, temp_dir), nprocs=c.num_gpus)
 
 
 def print_options(c: dnnlib.EasyDict) -> None:
@@ -312,7 +318,7 @@ def main(**kwargs):
     resolution, num_ws, w_dim = G.img_resolution, G.backbone.num_ws, G.w_dim
     continuing = isinstance(resume_data.get('personalization'), dict)
     if continuing:
-        print(f'--resume is a personalization snapshot: continuing its run (its adapters and settings are kept).')
+        print('--resume is a personalization snapshot: continuing its run (its adapters and settings are kept).')
         snapshot_cfg = resume_data.get('adapter_config')
         mode = 'full' if snapshot_cfg is None else (f'adalora{snapshot_cfg["target_r"]}' if snapshot_cfg['adalora']
                                                     else f'lora{snapshot_cfg["r"]}')

@@ -7,13 +7,12 @@ each process that `torchrun` started (as train.py). See docs/encoder.md.
 
 import json
 import os
-import tempfile
 
 import click
 import torch
 
 import dnnlib
-from train import _torchrun_env, make_run_dir
+from train import _torchrun_env, make_run_dir, run_processes
 from training import inference as inf
 from training.encoder import files
 from training.encoder.data import FolderSet
@@ -58,12 +57,7 @@ def launch(c: dnnlib.EasyDict, outdir: str, desc: str) -> None:
     run_dir = make_run_dir(outdir, desc)
     write_options(c, run_dir)
     c.run_dir = run_dir
-    if c.num_gpus == 1:
-        subprocess_fn(0, c, '')
-    else:
-        torch.multiprocessing.set_start_method('spawn', force=True)
-        with tempfile.TemporaryDirectory() as temp_dir:
-            torch.multiprocessing.spawn(fn=subprocess_fn, args=(c, temp_dir), nprocs=c.num_gpus)
+    run_processes(subprocess_fn, c)
 
 
 def write_options(c: dnnlib.EasyDict, run_dir: str) -> None:

@@ -99,7 +99,7 @@ class FolderSet:
             except inf.InputError as err:
                 problems.append(str(err))
                 continue
-            paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths = inf.list_images(folder)
             if not paths:
                 problems.append(f'{folder}: no images ({", ".join(IMAGE_EXTENSIONS)})')
             for path in paths:
