@@ -31,6 +31,14 @@ def conv_path(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(params=['fast', 'reference'])
+def kernels(request, monkeypatch) -> str:
+    """Run a test through both implementations of the adapted layers: the fast kernels
+    (`training/adapters/kernels.py`) and the plain PyTorch reference path of `layers.py`."""
+    monkeypatch.setenv('EG3D_ADAPTER_KERNELS', request.param)
+    return request.param
+
+
 @pytest.fixture
 def count_hashes(monkeypatch):
     """Counts the passes over the base's weights (`files._weights_sha256` calls)."""

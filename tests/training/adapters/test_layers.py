@@ -9,68 +9,8 @@ from training.adapters import AdapterConfig
 from training.adapters.inject import adapter_layers, fold_adapter
 from training.adapters.layers import (LoraConv2dLayer, LoraFullyConnectedLayer, LoraSynthesisLayer,
                                       LoraToRGBLayer)
-from training.networks_stylegan2 import Conv2dLayer, FullyConnectedLayer, SynthesisLayer, ToRGBLayer
+from adapter_testlib import FAMILIES, W_DIM, Holder, injected, layer_inputs, make_layers, run_layer
 
-W_DIM = 8
-N = 3
-
-
-def make_layers() -> torch.nn.ModuleDict:
-    """One layer of every family (and resampling variant), with non-zero biases and noise strengths."""
-    torch.manual_seed(0)
-    layers = torch.nn.ModuleDict(dict(
-        fc=FullyConnectedLayer(8, 6),
-        fc_lrelu=FullyConnectedLayer(8, 6, activation='lrelu', lr_multiplier=0.01),
-        conv=Conv2dLayer(4, 5, 3, activation='lrelu'),
-        conv_up=Conv2dLayer(4, 5, 3, up=2),
-        conv_down=Conv2dLayer(4, 5, 3, down=2, conv_clamp=1.0),
-        conv_1x1=Conv2dLayer(4, 5, 1, bias=False),
-        syn=SynthesisLayer(4, 5, w_dim=W_DIM, resolution=8),
-        syn_up=SynthesisLayer(4, 5, w_dim=W_DIM, resolution=16, up=2, conv_clamp=0.5),
-        torgb=ToRGBLayer(5, 3, w_dim=W_DIM),
-    ))
-    with torch.no_grad():
-        for name, p in layers.named_parameters():
-            if name.endswith('bias') or name.endswith('noise_strength'):
-                p.add_(0.3 * torch.randn_like(p))
-    return layers
-
-
-class Holder(torch.nn.Module):
-    """Minimal 'generator' whose synthesis component is the dict of test layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.synthesis = make_layers()
-
-
-def layer_inputs(name: str, layer: torch.nn.Module, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    if name.startswith('fc'):
-        return (torch.randn([N, layer.in_features], generator=gen),), {}
-    if name.startswith('conv'):
-        return (torch.randn([N, layer.in_channels, 8, 8], generator=gen),), {}
-    w = torch.randn([N, W_DIM], generator=gen)
-    if name == 'torgb':
-        return (torch.randn([N, layer.in_channels, 8, 8], generator=gen), w), {}
-    res = layer.resolution // layer.up
-    return (torch.randn([N, layer.in_channels, res, res], generator=gen), w), {'noise_mode': 'const'}
-
-
-def run_layer(name, layer, fused=None, seed=1):
-    args, kwargs = layer_inputs(name, layer, seed)
-    if fused is not None and (name.startswith('syn') or name == 'torgb'):
-        kwargs['fused_modconv'] = fused
-    return layer(*args, **kwargs)
-
-
-def injected(cfg: AdapterConfig, K: int = 1) -> Holder:
-    H = Holder()
-    adapters.inject(H, cfg, num_adapters=K)
-    return H
-
-
-FAMILIES = ['fc', 'fc_lrelu', 'conv', 'conv_up', 'conv_down', 'conv_1x1', 'syn', 'syn_up', 'torgb']
 WRAPPER_TYPES = {'fc': LoraFullyConnectedLayer, 'conv': LoraConv2dLayer, 'syn': LoraSynthesisLayer,
                  'torgb': LoraToRGBLayer}
 
@@ -123,7 +63,7 @@ def test_my3dgen_extras_shapes():
 ], ids=['lora', 'standard-extras', 'adalora-extras'])
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
-def test_identity_at_init_is_bit_exact(cfg, fused, selection, conv_path):
+def test_identity_at_init_is_bit_exact(cfg, fused, selection, conv_path, kernels):
     base = make_layers()
     expected = {name: run_layer(name, base[name], fused) for name in FAMILIES}
     H = injected(cfg, K=3)
@@ -249,7 +189,7 @@ def test_wrapper_reads_base_attributes():
 
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('demodulate', [True, False])
-def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(fused, demodulate):
+def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(fused, demodulate, kernels):
     """The float16 pre-normalisation path (CUDA blocks) gives the base's bits when the delta is zero."""
     from training.adapters.layers import modulated_conv2d_lora
     from training.networks_stylegan2 import modulated_conv2d
@@ -278,7 +218,7 @@ def _to_float64(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize('fused', [False, True])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
 @pytest.mark.parametrize('factorization', ['my3dgen', 'standard'])
-def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization, conv_path):
+def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization, conv_path, kernels):
     """The cheap training path (no base weight gradients, low-rank branch as matmuls) gives the
     gradients of the merged weight W + B @ A: for the factors of the layer and its style affine,
     and for the input; with per-sample adapters, sample i through the weights of adapter idx[i]."""
@@ -321,7 +261,7 @@ def test_training_gradients_equal_merged_weight_gradients(fused, selection, fact
 
 
 @pytest.mark.parametrize('name', ['conv', 'conv_up', 'syn', 'syn_up', 'torgb'])
-def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path):
+def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path, kernels):
     """The cheap path assumes a frozen base; if a user unfreezes a base weight, its gradient is the merged weight's."""
     H = injected(AdapterConfig(r=2, targets=('synthesis',)))
     from adapter_testlib import randomize_adapters
@@ -347,7 +287,7 @@ def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path):
                          ids=['stride1', 'stride1-flipped', 'up2', 'down2'])
 @pytest.mark.parametrize('per_sample', [False, True])
 @pytest.mark.parametrize('in_channels', [8, 32])
-def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path):
+def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path, kernels):
     """Wide layers (more than R*k*k = 27 input channels) take the tap-matmul thin branch, narrow ones
     the thin convolution; either way the values and gradients are those of the official modulated
     convolution with the merged weight."""
@@ -398,14 +338,15 @@ def test_merged_weight_only_for_narrow_layers():
 def test_conv_path_variable_forces_the_path(monkeypatch, choice, branch_calls):
     """EG3D_ADAPTER_CONV_PATH=branch sends the narrow stride-1 test layers (conv, conv_1x1, syn) through
     the low-rank branch that FFHQ 512 layers take; by default ('auto') they take the merged weight."""
-    from training.adapters import layers
+    from training.adapters import kernels
+    monkeypatch.delenv('EG3D_ADAPTER_KERNELS', raising=False)  # the fast path, which has the stride-1 kernel
     if choice is None:
         monkeypatch.delenv('EG3D_ADAPTER_CONV_PATH', raising=False)
     else:
         monkeypatch.setenv('EG3D_ADAPTER_CONV_PATH', choice)
     calls = []
-    real = layers._StrideOneAdaptedConv.apply  # pylint: disable=protected-access
-    monkeypatch.setattr(layers._StrideOneAdaptedConv, 'apply', lambda *a: calls.append(1) or real(*a))
+    real = kernels.stride_one_adapted_conv
+    monkeypatch.setattr(kernels, 'stride_one_adapted_conv', lambda *a: calls.append(1) or real(*a))
     H = injected(AdapterConfig(r=1, targets=('synthesis',)))
     for name in ['conv', 'conv_up', 'conv_down', 'conv_1x1', 'syn', 'syn_up']:
         run_layer(name, H.synthesis[name], fused=False)
@@ -419,9 +360,9 @@ def test_conv_path_variable_forces_the_path(monkeypatch, choice, branch_calls):
 @pytest.mark.parametrize('clamp', [None, 0.7])
 @pytest.mark.parametrize('demodulate', [True, False])
 @pytest.mark.parametrize('per_sample_bias', [False, True])
-def test_in_place_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias):
-    """The non-fused CPU path applies demodulation, noise, bias, activation, gain and clamp in place
-    (`_DemodulateBiasAct`): with a zero delta its output has the bits of `modulated_conv2d` followed
+def test_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias, kernels):
+    """What follows the non-fused convolution (demodulation, noise, bias, activation, gain, clamp; in place
+    on the fast CPU path): with a zero delta its output has the bits of `modulated_conv2d` followed
     by the reference `bias_act`; with a non-zero delta (float64) the values and gradients of every
     input, noise and bias included, are those of the merged weight."""
     from torch_utils.ops import bias_act
@@ -467,7 +408,8 @@ def test_in_place_epilogue_equals_bias_act(activation, clamp, demodulate, per_sa
 @pytest.mark.parametrize('geometry,in_channels', [('stride1', 64), ('stride1', 2), ('up2', 8)],
                          ids=['stride1-wide', 'stride1-narrow', 'up2'])
 @pytest.mark.parametrize('per_sample', [False, True], ids=['shared', 'per-sample'])
-def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol, geometry, in_channels, per_sample):
+def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol, geometry, in_channels, per_sample,
+                                                                     kernels):
     """In fp16 blocks (no loss scaling) the factor gradients, sums over every pixel, stay finite float32 and
     match a float64 computation on the same half-precision inputs; the fp16 sums overflowed to inf here."""
     from torch_utils.ops import upfirdn2d
@@ -487,7 +429,7 @@ def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol
 
     def factor_grads(x, W, A, B, styles):
         A, B = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-        y = layers._adapted_conv(x, W, A, B, styles=styles, **geometry_kwargs)  # pylint: disable=protected-access
+        y = layers.adapted_conv(x, W, A, B, styles=styles, **geometry_kwargs)
         y.backward(probe.to(y.dtype))
         return A.grad, B.grad
 
