@@ -32,7 +32,7 @@ def conv_path(request, monkeypatch) -> str:
 
 
 @pytest.fixture(params=['fast', 'reference'])
-def kernels(request, monkeypatch) -> str:
+def implementation(request, monkeypatch) -> str:
     """Run a test through both implementations of the adapted layers: the fast kernels
     (`training/adapters/kernels.py`) and the plain PyTorch reference path of `layers.py`."""
     monkeypatch.setenv('EG3D_ADAPTER_KERNELS', request.param)

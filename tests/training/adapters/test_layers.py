@@ -63,7 +63,7 @@ def test_my3dgen_extras_shapes():
 ], ids=['lora', 'standard-extras', 'adalora-extras'])
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
-def test_identity_at_init_is_bit_exact(cfg, fused, selection, conv_path, kernels):
+def test_identity_at_init_is_bit_exact(cfg, fused, selection, conv_path, implementation):
     base = make_layers()
     expected = {name: run_layer(name, base[name], fused) for name in FAMILIES}
     H = injected(cfg, K=3)
@@ -189,7 +189,7 @@ def test_wrapper_reads_base_attributes():
 
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('demodulate', [True, False])
-def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(fused, demodulate, kernels):
+def test_modulated_conv_with_zero_delta_matches_official_arithmetic_in_float16(fused, demodulate, implementation):
     """The float16 pre-normalisation path (CUDA blocks) gives the base's bits when the delta is zero."""
     from training.adapters.layers import modulated_conv2d_lora
     from training.networks_stylegan2 import modulated_conv2d
@@ -218,7 +218,7 @@ def _to_float64(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize('fused', [False, True])
 @pytest.mark.parametrize('selection', ['int', 'per-sample'])
 @pytest.mark.parametrize('factorization', ['my3dgen', 'standard'])
-def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization, conv_path, kernels):
+def test_training_gradients_equal_merged_weight_gradients(fused, selection, factorization, conv_path, implementation):
     """The cheap training path (no base weight gradients, low-rank branch as matmuls) gives the
     gradients of the merged weight W + B @ A: for the factors of the layer and its style affine,
     and for the input; with per-sample adapters, sample i through the weights of adapter idx[i]."""
@@ -261,7 +261,7 @@ def test_training_gradients_equal_merged_weight_gradients(fused, selection, fact
 
 
 @pytest.mark.parametrize('name', ['conv', 'conv_up', 'syn', 'syn_up', 'torgb'])
-def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path, kernels):
+def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path, implementation):
     """The cheap path assumes a frozen base; if a user unfreezes a base weight, its gradient is the merged weight's."""
     H = injected(AdapterConfig(r=2, targets=('synthesis',)))
     from adapter_testlib import randomize_adapters
@@ -287,7 +287,7 @@ def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path, kernels):
                          ids=['stride1', 'stride1-flipped', 'up2', 'down2'])
 @pytest.mark.parametrize('per_sample', [False, True])
 @pytest.mark.parametrize('in_channels', [8, 32])
-def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path, kernels):
+def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path, implementation):
     """Wide layers (more than R*k*k = 27 input channels) take the tap-matmul thin branch, narrow ones
     the thin convolution; either way the values and gradients are those of the official modulated
     convolution with the merged weight."""
@@ -360,7 +360,7 @@ def test_conv_path_variable_forces_the_path(monkeypatch, choice, branch_calls):
 @pytest.mark.parametrize('clamp', [None, 0.7])
 @pytest.mark.parametrize('demodulate', [True, False])
 @pytest.mark.parametrize('per_sample_bias', [False, True])
-def test_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias, kernels):
+def test_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias, implementation):
     """What follows the non-fused convolution (demodulation, noise, bias, activation, gain, clamp; in place
     on the fast CPU path): with a zero delta its output has the bits of `modulated_conv2d` followed
     by the reference `bias_act`; with a non-zero delta (float64) the values and gradients of every
@@ -409,7 +409,7 @@ def test_epilogue_equals_bias_act(activation, clamp, demodulate, per_sample_bias
                          ids=['stride1-wide', 'stride1-narrow', 'up2'])
 @pytest.mark.parametrize('per_sample', [False, True], ids=['shared', 'per-sample'])
 def test_half_precision_layers_accumulate_factor_gradients_in_float32(dtype, tol, geometry, in_channels, per_sample,
-                                                                     kernels):
+                                                                     implementation):
     """In fp16 blocks (no loss scaling) the factor gradients, sums over every pixel, stay finite float32 and
     match a float64 computation on the same half-precision inputs; the fp16 sums overflowed to inf here."""
     from torch_utils.ops import upfirdn2d
