@@ -88,7 +88,7 @@ def fast_kernels():
         try:
             _kernels_module = importlib.import_module(KERNELS_MODULE)
         except ModuleNotFoundError as e:
-            if not KERNELS_MODULE.startswith(str(e.name)):  # a module the kernels need is missing: a real error
+            if not (KERNELS_MODULE + '.').startswith(f'{e.name}.'):  # a module the kernels need is missing
                 raise
             _kernels_module = False
     return _kernels_module or None
