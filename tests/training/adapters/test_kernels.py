@@ -227,7 +227,8 @@ def test_reference_and_fast_paths_agree_on_cuda(monkeypatch, conv_path):
             if name.startswith('syn') or name == 'torgb':
                 kwargs['fused_modconv'] = False
             out = layer(*args, **kwargs)
-            results[choice] = (out, torch.autograd.grad(out.square().sum(), list(args) + adapters.trainable_parameters(layer)))
+            leaves = list(args) + adapters.trainable_parameters(layer)
+            results[choice] = (out, torch.autograd.grad(out.square().sum(), leaves))
         (want, want_grads), (got, got_grads) = results['reference'], results['fast']
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
         for g, w in zip(got_grads, want_grads):

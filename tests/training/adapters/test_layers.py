@@ -287,7 +287,8 @@ def test_unfrozen_base_weight_still_gets_its_gradient(name, conv_path, implement
                          ids=['stride1', 'stride1-flipped', 'up2', 'down2'])
 @pytest.mark.parametrize('per_sample', [False, True])
 @pytest.mark.parametrize('in_channels', [8, 32])
-def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path, implementation):
+def test_modulated_conv_gradients_equal_merged_weight_gradients(geometry, per_sample, in_channels, conv_path,
+                                                                 implementation):
     """Wide layers (more than R*k*k = 27 input channels) take the tap-matmul thin branch, narrow ones
     the thin convolution; either way the values and gradients are those of the official modulated
     convolution with the merged weight."""

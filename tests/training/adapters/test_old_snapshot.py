@@ -32,7 +32,8 @@ def render(G: torch.nn.Module) -> dict:
 
 
 def assert_stored_render(out: dict) -> None:
-    """The stored pixels, up to the last bits a CPU of another kind may change (equal bits on the machine that wrote them)."""
+    """The stored pixels, up to the last bits a CPU of another kind may change (equal bits on the machine that
+    wrote them)."""
     want = torch.load(OLD / 'expected-render.pt')
     assert out.keys() == want.keys()
     for key in want:
