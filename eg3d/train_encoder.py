@@ -81,6 +81,9 @@ def parse_folders(value) -> list:
 @click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
               help='Training length in thousands of images (fractions allowed)')
 @click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True, help='Total batch size')
+@click.option('--batch-gpu', 'batch_gpu', type=click.IntRange(min=1), default=None,
+              help='Images per pass (a chunk of the batch); the batch is the same for any number of processes '
+                   'at the same value  [default: batch / gpus]')
 @click.option('--gpus', type=click.IntRange(min=1), default=1, show_default=True,
               help='Processes (GPUs, or CPU processes with --device=cpu); leave out under torchrun')
 @click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True,
@@ -103,7 +106,7 @@ def parse_folders(value) -> list:
 @click.option('--device', type=click.Choice(['cuda', 'cpu']), default=None, help='[default: cuda if available]')
 @click.option('--progress', type=bool, default=True, show_default=True, help='Show a progress bar')
 @inf.user_errors
-def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, resume, id_model, replay, lr,
+def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_net, data, resume, id_model, replay, lr,
          neural_rendering_resolution, seed, device, progress):
     """Train an encoder that inverts photos (with their cameras) into the W+ of a frozen EG3D generator.
 
@@ -125,6 +128,10 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
         raise inf.InputError('--device=cuda but no CUDA device is available; pass --device=cpu')
     if batch % num_gpus:
         raise inf.InputError(f'--batch={batch} must be a multiple of the {num_gpus} processes')
+    batch_gpu = batch_gpu or batch // num_gpus
+    if batch % (batch_gpu * num_gpus):
+        raise inf.InputError(f'--batch={batch} must be a multiple of --batch-gpu={batch_gpu} times the {num_gpus} '
+                             'processes')
     folders = parse_folders(data)
 
     # Everything the run reads is checked here, before a process starts.
@@ -146,7 +153,7 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
     del G
 
     c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
-                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr,
+                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch_gpu, iters=iters, lr=lr,
                         replay=replay,
                         lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,
                         random_seed=seed, num_gpus=num_gpus, device=device, progress_bar=progress)
