@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eg3d'))
 
 import demo  # noqa: E402  (the demo identity's recipe)
 import projector  # noqa: E402
+from train_encoder import LATENT_ONLY  # noqa: E402
 from training import synthetic_identity as si  # noqa: E402
 from training import encoder as encoders  # noqa: E402
 from training.encoder import EncoderConfig, W3DEncoder, encode  # noqa: E402
@@ -94,8 +95,7 @@ def images_per_second(fn, repeats: int) -> float:
 
 def train(args: argparse.Namespace, base_pkl: str, outdir: str):
     """(encoder, w_avg) trained for the stated budget with train_encoder.py's training loop."""
-    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else \
-        dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)
+    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else LATENT_ONLY
     print(f'Training: {args.kimg:g} kimg, batch {args.batch} in passes of {args.batch_gpu}, {args.iters} ReStyle '
           f'iterations, replay {args.replay} (buffers of {args.replay_size}), lr {args.lr:g}, weights {weights}, '
           f'{args.threads} thread(s)', flush=True)
