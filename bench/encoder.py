@@ -1,11 +1,12 @@
 """Benchmark of the camera-aware encoder (docs/encoder.md) on the demo base, on CPU.
 
-    .venv/bin/python bench/encoder.py --kimg 0.16 --replay 24 --threads 2
-    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --device cuda    # on a GPU
+    .venv/bin/python bench/encoder.py --kimg 0.128 --replay 48 --lr 3e-4 --threads 1
+    .venv/bin/python bench/encoder.py --encoder RUN/encoder-000000.064.safetensors --project 1   # evaluate only
+    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --batch-gpu 4 --device cuda    # on a GPU
 
 1. Train an encoder for the demo base (eg3d/demo.py's tiny generator, seed 0) with the training loop of
    train_encoder.py on the generator's own samples, for the stated budget (kimg, replay updates; the wall
-   and CPU time are printed).
+   and CPU time are printed; an encoder file every --snap ticks), or load a trained one (--encoder).
 2. Evaluate on held-out samples of the base (seeds never used in training) and on the held-out views of
    the demo's personalized identity (base + its rank-1 change, rendered as eg3d/demo.py does; inverted
    with the base):
