@@ -1,11 +1,12 @@
 """Benchmark of the camera-aware encoder (docs/encoder.md) on the demo base, on CPU.
 
-    .venv/bin/python bench/encoder.py --kimg 0.16 --replay 24 --threads 2
-    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --device cuda    # on a GPU
+    .venv/bin/python bench/encoder.py --kimg 0.128 --replay 48 --lr 3e-4 --threads 1
+    .venv/bin/python bench/encoder.py --encoder RUN/encoder-000000.064.safetensors --project 1   # evaluate only
+    .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --batch-gpu 4 --device cuda    # on a GPU
 
 1. Train an encoder for the demo base (eg3d/demo.py's tiny generator, seed 0) with the training loop of
    train_encoder.py on the generator's own samples, for the stated budget (kimg, replay updates; the wall
-   and CPU time are printed).
+   and CPU time are printed; an encoder file every --snap ticks), or load a trained one (--encoder).
 2. Evaluate on held-out samples of the base (seeds never used in training) and on the held-out views of
    the demo's personalized identity (base + its rank-1 change, rendered as eg3d/demo.py does; inverted
    with the base):
@@ -30,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eg3d'))
 
 import demo  # noqa: E402  (the demo identity's recipe)
 import projector  # noqa: E402
+from train_encoder import LATENT_ONLY  # noqa: E402
 from training import synthetic_identity as si  # noqa: E402
+from training import encoder as encoders  # noqa: E402
 from training.encoder import EncoderConfig, W3DEncoder, encode  # noqa: E402
 from training.encoder.data import generator_batch  # noqa: E402
 from training.encoder.training_loop import training_loop  # noqa: E402
@@ -91,12 +94,32 @@ def images_per_second(fn, repeats: int) -> float:
     return repeats / (time.time() - t0)
 
 
+def train(args: argparse.Namespace, base_pkl: str, outdir: str):
+    """(encoder, w_avg) trained for the stated budget with train_encoder.py's training loop."""
+    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else LATENT_ONLY
+    print(f'Training: {args.kimg:g} kimg, batch {args.batch} in passes of {args.batch_gpu}, {args.iters} ReStyle '
+          f'iterations, replay {args.replay} (buffers of {args.replay_size}), lr {args.lr:g}, weights {weights}, '
+          f'{args.threads} thread(s)', flush=True)
+    t0, c0 = time.time(), cpu_seconds()
+    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg,
+                           kimg_per_tick=2 * args.batch / 1000, snapshot_ticks=args.snap, batch_size=args.batch,
+                           batch_gpu=args.batch_gpu, iters=args.iters, lr=args.lr, lpips_net='none',
+                           loss_weights=weights, neural_rendering_resolution=NRR, replay=args.replay,
+                           replay_size=args.replay_size, device=args.device, progress_bar=False)
+    train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
+    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
+          flush=True)
+    return result['encoder'].eval().requires_grad_(False), result['w_avg']
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--kimg', type=float, default=0.16, help='training length (thousands of images)')
     parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--batch-gpu', type=int, default=1, help='images per pass (1 renders fastest on a CPU)')
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--replay', type=int, default=24, help='replay updates per step')
+    parser.add_argument('--replay-size', type=int, default=2048, help='examples the replay buffers keep')
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--image-loss', action='store_true', help='also backpropagate the image loss through G')
     parser.add_argument('--heldout', type=int, default=8, help='held-out generator samples')
@@ -104,6 +127,8 @@ def main() -> None:
     parser.add_argument('--w-avg-samples', type=int, default=2000)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--snap', type=int, default=25, help='encoder file every SNAP ticks of 2 steps')
+    parser.add_argument('--encoder', default=None, help='evaluate this encoder file of the demo base (no training)')
     parser.add_argument('--outdir', default=None, help='keep the run here (default: a temp folder)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,20 +140,11 @@ def main() -> None:
     base_pkl = os.path.join(outdir, 'demo-base.pkl')
     si.save_generator_pkl(G, base_pkl)
 
-    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else \
-        dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)
-    print(f'Training: {args.kimg:g} kimg, batch {args.batch}, {args.iters} ReStyle iterations, replay {args.replay}, '
-          f'lr {args.lr:g}, weights {weights}, {args.threads} thread(s)', flush=True)
-    t0, c0 = time.time(), cpu_seconds()
-    result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg,
-                           kimg_per_tick=2 * args.batch / 1000,
-                           snapshot_ticks=10**6, batch_size=args.batch, batch_gpu=args.batch, iters=args.iters,
-                           lr=args.lr, lpips_net='none', loss_weights=weights, neural_rendering_resolution=NRR,
-                           replay=args.replay, device=args.device, progress_bar=False)
-    train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
-    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
-          flush=True)
-    encoder, w_avg = result['encoder'].eval().requires_grad_(False), result['w_avg']
+    if args.encoder:
+        encoder, w_avg, info = encoders.load(args.encoder, G, device)
+        print(f'Evaluating {args.encoder} (trained {info.get("step")} steps of batch {info.get("batch_size")})')
+    else:
+        encoder, w_avg = train(args, base_pkl, outdir)
 
     identity_images, identity_cameras = demo_identity_heldout(G)
     G = G.to(device)

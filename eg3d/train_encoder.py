@@ -18,6 +18,8 @@ from training.encoder import files
 from training.encoder.data import FolderSet
 from training.encoder.training_loop import training_loop
 
+LATENT_ONLY = dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)  # loss.LossWeights fields
+
 
 def _init_process(c: dnnlib.EasyDict, local_rank: int, local_world_size: int) -> None:
     if c.device == 'cpu':
@@ -81,6 +83,9 @@ def parse_folders(value) -> list:
 @click.option('--kimg', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True,
               help='Training length in thousands of images (fractions allowed)')
 @click.option('--batch', type=click.IntRange(min=1), default=8, show_default=True, help='Total batch size')
+@click.option('--batch-gpu', 'batch_gpu', type=click.IntRange(min=1), default=None,
+              help='Images per pass (a chunk of the batch); the batch is the same for any number of processes '
+                   'at the same value  [default: batch / gpus]')
 @click.option('--gpus', type=click.IntRange(min=1), default=1, show_default=True,
               help='Processes (GPUs, or CPU processes with --device=cpu); leave out under torchrun')
 @click.option('--snap', type=click.IntRange(min=1), default=10, show_default=True,
@@ -93,6 +98,8 @@ def parse_folders(value) -> list:
 @click.option('--resume', metavar='FILE', help='encoder-<kimg>.safetensors of a run to continue exactly')
 @click.option('--id_model', '--id-model', 'id_model', metavar='PTH',
               help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
+@click.option('--latent-only', 'latent_only', is_flag=True,
+              help='Train on the latent loss alone: no pass back through the generator, no last render (CPU budgets)')
 @click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
               help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
 @click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
@@ -103,8 +110,8 @@ def parse_folders(value) -> list:
 @click.option('--device', type=click.Choice(['cuda', 'cpu']), default=None, help='[default: cuda if available]')
 @click.option('--progress', type=bool, default=True, show_default=True, help='Show a progress bar')
 @inf.user_errors
-def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, resume, id_model, replay, lr,
-         neural_rendering_resolution, seed, device, progress):
+def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_net, data, resume, id_model,
+         latent_only, replay, lr, neural_rendering_resolution, seed, device, progress):
     """Train an encoder that inverts photos (with their cameras) into the W+ of a frozen EG3D generator.
 
     \b
@@ -125,12 +132,19 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
         raise inf.InputError('--device=cuda but no CUDA device is available; pass --device=cpu')
     if batch % num_gpus:
         raise inf.InputError(f'--batch={batch} must be a multiple of the {num_gpus} processes')
+    batch_gpu = batch_gpu or batch // num_gpus
+    if batch % (batch_gpu * num_gpus):
+        raise inf.InputError(f'--batch={batch} must be a multiple of --batch-gpu={batch_gpu} times the {num_gpus} '
+                             'processes')
     folders = parse_folders(data)
 
     # Everything the run reads is checked here, before a process starts.
     G = inf.load_generator(network_pkl)
     if folders:
-        FolderSet(folders, G.img_resolution, inf.num_ws(G), int(G.w_dim))
+        folder_set = FolderSet(folders, G.img_resolution, inf.num_ws(G), int(G.w_dim))
+        if latent_only and not bool(folder_set.has_ws.any()):
+            raise inf.InputError('--latent-only trains on known latents, and no --data photo has one '
+                                 '(image_N_latent.npy beside image_N.png)')
     if resume:
         try:
             files.load(resume, G)
@@ -146,8 +160,8 @@ def main(network_pkl, outdir, kimg, batch, gpus, snap, iters, lpips_net, data, r
     del G
 
     c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
-                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch // num_gpus, iters=iters, lr=lr,
-                        replay=replay,
+                        snapshot_ticks=snap, batch_size=batch, batch_gpu=batch_gpu, iters=iters, lr=lr,
+                        replay=replay, loss_weights=LATENT_ONLY if latent_only else None,
                         lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,
                         random_seed=seed, num_gpus=num_gpus, device=device, progress_bar=progress)
     name = os.path.splitext(os.path.basename(network_pkl))[0]

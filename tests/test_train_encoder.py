@@ -68,3 +68,24 @@ def test_resume_from_an_encoder_of_another_base_is_refused(tiny_identity, tmp_pa
     assert result.exit_code == 1
     assert 'trained on a different generator' in result.output and str(path) in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_latent_only_sets_the_latent_loss_alone(tiny_identity, tmp_path, monkeypatch):
+    captured = {}
+    monkeypatch.setattr(train_encoder, 'launch', lambda c, outdir, desc: captured.update(c=c))
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.002',
+                  '--latent-only', *FAST])
+    assert result.exit_code == 0, result.output
+    assert captured['c'].loss_weights == dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)
+
+
+def test_latent_only_refuses_photos_without_latents(tiny_identity, tmp_path):
+    folder = tmp_path / 'photos'
+    shutil.copytree(tiny_identity / 'train', folder)
+    for latent in folder.glob('*_latent.npy'):
+        latent.unlink()
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.002',
+                  '--data', folder, '--latent-only', *FAST])
+    assert result.exit_code == 1
+    assert '--latent-only' in result.output and 'image_N_latent.npy' in result.output
+    assert not (tmp_path / 'runs').exists()

@@ -75,14 +75,18 @@ class EncoderLoss:
                  iters: int, backward_scale: float = 1.0) -> Tuple[Dict[str, float], List[restyle.Iteration]]:
         """Sum of the weighted terms over `iters` iterations, backpropagated.
 
-        Returns ({term: mean over iterations}, the start and every iteration's detached latent and render).
+        Returns ({term: mean over the iterations that have it}, the start and every iteration's detached latent
+        and render). Without an image term to train, the last iteration is not rendered (nothing reads it), and
+        the logged image error is that of iterations 1..iters-1.
         """
-        sums: Dict[str, float] = {}
+        sums: Dict[str, List[float]] = {}
         grad_render = render if self.needs_image_gradient else _without_grad(render)
 
         def on_iteration(i: int, it: restyle.Iteration) -> None:
-            terms = self.image_terms(it.image, batch.images) if self.needs_image_gradient else \
-                {'image': (it.image - batch.images).square().mean(dim=[1, 2, 3])}
+            terms = {}
+            if it.image is not None:
+                terms = self.image_terms(it.image, batch.images) if self.needs_image_gradient else \
+                    {'image': (it.image - batch.images).square().mean(dim=[1, 2, 3])}
             terms['latent'] = latent_loss(it.ws, batch.ws, batch.has_ws)
             if i == 1 and self.weights.mirror > 0:
                 terms['mirror'] = mirrored_loss(encoder, render, batch.images, batch.cameras, w_start)
@@ -91,11 +95,13 @@ class EncoderLoss:
             if torch.is_tensor(total):
                 (total * backward_scale / iters).backward()
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach().mean()) / iters
+                acc = sums.setdefault(name, [0.0, 0])
+                acc[0] += float(value.detach().mean())
+                acc[1] += 1
 
         states = restyle.refine(encoder, grad_render, batch.images, batch.cameras, w_start, iters,
-                                on_iteration=on_iteration)
-        return sums, states
+                                on_iteration=on_iteration, render_last=self.needs_image_gradient)
+        return {name: total / count for name, (total, count) in sums.items()}, states
 
 
 def _without_grad(render: restyle.RenderFn) -> restyle.RenderFn:

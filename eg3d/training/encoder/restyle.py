@@ -18,8 +18,8 @@ RenderFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ws [N, num_w
 
 @dataclasses.dataclass
 class Iteration:
-    ws: torch.Tensor       # [N, num_ws, w_dim] after this iteration
-    image: torch.Tensor    # G(ws, c): [N, 3, R, R]
+    ws: torch.Tensor                 # [N, num_ws, w_dim] after this iteration
+    image: Optional[torch.Tensor]    # G(ws, c): [N, 3, R, R]; None for a last iteration left unrendered
 
 
 def start_latent(w_avg: torch.Tensor, batch_size: int, w_init: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -31,13 +31,15 @@ def start_latent(w_avg: torch.Tensor, batch_size: int, w_init: Optional[torch.Te
 
 def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: torch.Tensor, w_start: torch.Tensor,
            iters: int, start_image: Optional[torch.Tensor] = None,
-           on_iteration: Optional[Callable[[int, Iteration], None]] = None) -> List[Iteration]:
+           on_iteration: Optional[Callable[[int, Iteration], None]] = None,
+           render_last: bool = True) -> List[Iteration]:
     """Run `iters` ReStyle iterations from w_start; returns the start (w_0, y_0) and every iteration's latent and
     render (detached): `iters + 1` entries.
 
     `start_image`: y_0 if the caller has it (else it is rendered). `on_iteration(i, it)` is called after
     iteration i (1-based); training puts its loss and backward pass there, so that the graph of one
-    iteration is freed before the next is built.
+    iteration is freed before the next is built. `render_last=False` skips the last render (its image is
+    None): no later iteration reads it, so training without an image loss saves one generator pass.
     """
     if iters < 1:
         raise ValueError(f'iters must be >= 1, got {iters}')
@@ -47,11 +49,11 @@ def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: t
     out = [Iteration(ws=ws.detach(), image=image.detach())]
     for i in range(1, iters + 1):
         ws = ws.detach() + encoder(photo, image.detach(), c)
-        image = render(ws, c)
+        image = render(ws, c) if render_last or i < iters else None
         it = Iteration(ws=ws, image=image)
         if on_iteration is not None:
             on_iteration(i, it)
-        out.append(Iteration(ws=ws.detach(), image=image.detach()))
+        out.append(Iteration(ws=ws.detach(), image=None if image is None else image.detach()))
     return out
 
 

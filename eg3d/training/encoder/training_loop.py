@@ -68,14 +68,15 @@ def training_loop(
     batch_gpu: int = 4,
     iters: int = 5,                           # ReStyle iterations per batch.
     lr: float = 5e-4,
+    adam_kwargs: Optional[dict] = None,       # Other Adam arguments (betas, eps); default betas (0.9, 0.999).
     lpips_net: str = 'alex',
     id_model: Optional[str] = None,           # ArcFace IR-SE50 weights; None = no identity loss.
     loss_weights: Optional[dict] = None,      # LossWeights fields.
     psi_range: Tuple[float, float] = (0.4, 1.0),
     neural_rendering_resolution: Optional[int] = None,   # None = the generator's.
     encoder_config: Optional[dict] = None,    # EncoderConfig fields; None = the preset for the generator.
-    replay: int = 0,                          # Extra latent-loss updates per step from the replay buffer.
-    replay_size: int = 1024,                  # Examples (iteration inputs) the replay buffer keeps.
+    replay: int = 0,                          # Extra latent-loss updates per step from the replay buffers.
+    replay_size: int = 1024,                  # Examples (iteration inputs) the replay buffers keep in all.
     random_seed: int = 0,
     num_gpus: int = 1,
     rank: int = 0,
@@ -124,13 +125,19 @@ def training_loop(
             torch.distributed.broadcast(tensor.data, src=0)
         torch.distributed.broadcast(w_avg, src=0)
     params = list(encoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-    buffer = ReplayBuffer(replay_size if replay > 0 else 0, encoder.config.input_resolution)
+    optimizer = torch.optim.Adam(params, lr=lr, **{'betas': (0.9, 0.999), **(adam_kwargs or {})})
+    # One replay buffer per chunk of the global batch (this process's chunks), so that replay updates draw the
+    # same examples however the chunks are spread over processes.
+    num_chunks = batch_size // batch_gpu
+    local_chunks = list(range(rank, num_chunks, num_gpus))
+    buffers = {chunk: ReplayBuffer(replay_size // num_chunks if replay > 0 else 0, encoder.config.input_resolution)
+               for chunk in local_chunks}
     if state_path is not None:
         if os.path.isfile(state_path):
             state = torch.load(state_path, map_location='cpu', weights_only=True)
             optimizer.load_state_dict(state['optimizer'])
-            buffer.load_state_dict(state.get('replay'))
+            for chunk, buffer in buffers.items():
+                buffer.load_state_dict(state.get('replay', {}).get(chunk))
             log(f'Restored optimizer state from {state_path}')
         else:
             log(f'Warning: {state_path} not found; the optimizer starts afresh (the run will not match an '
@@ -154,12 +161,16 @@ def training_loop(
                          replay_size=replay_size)
 
     def save_snapshot() -> None:
+        replay_states = {chunk: buffer.state_dict() for chunk, buffer in buffers.items()}
         if num_gpus > 1:
             misc.check_ddp_consistency(encoder)
+            gathered = [None] * num_gpus
+            torch.distributed.all_gather_object(gathered, replay_states)
+            replay_states = {chunk: part[chunk] for part in gathered for chunk in part}
         if rank != 0:
             return
         tag = kimg_tag(cur_nimg)
-        state = dict(cur_nimg=cur_nimg, step=step, optimizer=optimizer.state_dict(), replay=buffer.state_dict())
+        state = dict(cur_nimg=cur_nimg, step=step, optimizer=optimizer.state_dict(), replay=replay_states)
         with dnnlib.util.atomic_write_path(os.path.join(run_dir, f'training-state-{tag}.pt')) as tmp:
             torch.save(state, tmp)
         files.save(os.path.join(run_dir, f'encoder-{tag}.safetensors'), encoder, w_avg, G,
@@ -168,7 +179,6 @@ def training_loop(
 
     total_nimg = int(round(total_kimg * 1000))
     tick_nimg = max(int(round(kimg_per_tick * 1000)), 1)
-    num_chunks = batch_size // batch_gpu
     log(f'Training for {total_kimg:g} kimg ({math.ceil(max(total_nimg - cur_nimg, 0) / batch_size)} steps of '
         f'{batch_size} images, {iters} ReStyle iterations each) on '
         f'{"the generator samples" if folder_set is None else f"{len(folder_set)} photos"}.')
@@ -180,7 +190,7 @@ def training_loop(
     while not done:
         optimizer.zero_grad(set_to_none=True)
         indices = batch_indices(len(folder_set), batch_size, step, random_seed) if folder_set is not None else None
-        for chunk in range(rank, num_chunks, num_gpus):
+        for chunk in local_chunks:
             seed = chunk_seed(random_seed, step, chunk)
             if folder_set is None:
                 batch = generator_batch(G, batch_gpu, seed, psi_range, nrr)
@@ -189,7 +199,7 @@ def training_loop(
             torch.manual_seed(seed)
             w_start = restyle.start_latent(w_avg.unsqueeze(0), batch_gpu)
             terms, states = loss_fn(encoder, render, batch, w_start, iters, backward_scale=batch_gpu / batch_size)
-            buffer.add(batch.images, batch.cameras, states, batch.ws, batch.has_ws)
+            buffers[chunk].add(batch.images, batch.cameras, states, batch.ws, batch.has_ws)
             for name, value in terms.items():
                 acc = sums.setdefault(name, [0.0, 0])
                 acc[0] += value
@@ -198,14 +208,15 @@ def training_loop(
         optimizer.step()
         for r in range(replay):
             optimizer.zero_grad(set_to_none=True)
-            loss = buffer.update(encoder, batch_gpu, chunk_seed(random_seed, step, num_chunks + r * num_gpus + rank),
-                                 device)
-            (loss * weights.latent).backward()
+            for chunk in local_chunks:  # each chunk's minibatch, scaled to its share of the global batch
+                replay_seed = chunk_seed(random_seed, step, (r + 1) * num_chunks + chunk)
+                loss = buffers[chunk].update(encoder, batch_gpu, replay_seed, device)
+                (loss * weights.latent * batch_gpu / batch_size).backward()
+                acc = sums.setdefault('replay_latent', [0.0, 0])
+                acc[0] += float(loss.detach())
+                acc[1] += 1
             all_reduce_gradients(params, num_gpus)
             optimizer.step()
-            acc = sums.setdefault('replay_latent', [0.0, 0])
-            acc[0] += float(loss.detach())
-            acc[1] += 1
         step += 1
         cur_nimg += batch_size
         bar.update(min(cur_nimg, total_nimg) - bar.n)

@@ -1,5 +1,6 @@
 """training/encoder/loss.py: the encoder's objective, the mirrored-image loss in particular."""
 import numpy as np
+import pytest
 import torch
 
 from encoder_testlib import NUM_WS, W_DIM, fake_render, tiny_encoder
@@ -76,4 +77,25 @@ def test_encoder_loss_runs_every_iteration_and_reports_each_term():
                                                iters=3)
     assert set(terms) == {'image', 'latent', 'mirror'}  # no LPIPS network, no face embedding: skipped
     assert len(states) == 4
+    assert encoder.heads[0].linear.weight.grad.abs().sum() > 0
+
+
+def test_latent_only_training_leaves_the_last_iteration_unrendered():
+    """Without an image term to train, nothing reads the last render: one generator pass per photo is saved,
+    and the logged image error is that of the iterations that were rendered."""
+    renders = []
+
+    def counting_render(ws, c):
+        renders.append(torch.is_grad_enabled())
+        return fake_render(ws, c)
+    encoder = tiny_encoder()
+    photo, c = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 25)
+    batch = Batch(photo, c, torch.randn(2, NUM_WS, W_DIM), torch.tensor([True, True]))
+    weights = LossWeights(image=0, lpips=0, id=0, latent=1, mirror=0)
+    terms, states = EncoderLoss(weights)(encoder, counting_render, batch, start_latent(torch.zeros(NUM_WS, W_DIM), 2),
+                                         iters=3)
+    assert renders == [False, False, False]  # y_0, y_1, y_2; no graph through the generator
+    assert states[3].image is None
+    expected = np.mean([float((s.image - photo).square().mean()) for s in states[1:3]])
+    assert terms['image'] == pytest.approx(expected, rel=1e-5)
     assert encoder.heads[0].linear.weight.grad.abs().sum() > 0

@@ -54,3 +54,17 @@ def test_each_iteration_backpropagates_only_into_its_own_residual():
            on_iteration=on_iteration)
     assert seen == [True, True]
     assert encoder.heads[0].linear.weight.grad is not None
+
+
+def test_last_render_can_be_skipped():
+    renders = []
+
+    def counting_render(ws, c):
+        renders.append(ws.detach().clone())
+        return fake_render(ws, c)
+    encoder = RecordingEncoder(torch.randn(1, NUM_WS, W_DIM) * 0.1)
+    states = refine(encoder, counting_render, torch.rand(1, 3, 32, 32), torch.randn(1, 25),
+                    start_latent(torch.zeros(NUM_WS, W_DIM), 1), iters=3, render_last=False)
+    assert len(renders) == 3  # y_0, y_1, y_2: the inputs of iterations 1..3
+    assert states[3].image is None and states[2].image is not None
+    assert torch.equal(renders[-1], states[2].ws)
