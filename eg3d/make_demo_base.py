@@ -28,7 +28,6 @@ loss was still falling, and faces need many more steps (an estimated several tho
 here). An idle machine is several times faster per step.
 """
 
-import math
 import os
 import time
 from typing import Dict, Optional, Tuple
