@@ -14,18 +14,25 @@ of a step small). No GAN loss, no LPIPS: the offline machines have no pretrained
 
 Training is resumable: the state (weights, Adam, step) is checkpointed atomically to --state every
 --checkpoint_every steps and when the run stops (--minutes reached, Ctrl-C); running the same command
-again continues from it. Every run ends by writing the pickle (project format, loads with
-legacy.load_network_pkl) and, with --eval_heads > 0, measuring the base against the renderer on heads
-and views it never trained on (PSNR at 128 px, depth error on the head at 32 px), kept in the pickle's
-`demo_base` entry and drawn into --preview.
+again continues from it. --init=PKL starts a run whose --state does not exist yet from a base pickle's
+weights instead (fresh Adam; the step count and training time go on from the pickle's record), e.g. to
+go on from the committed base with other settings. Every run ends by writing the pickle (project
+format, loads with legacy.load_network_pkl) and, with --eval_heads > 0, measuring the base against the
+renderer on heads and views it never trained on (PSNR at 128 px, depth error on the head at 32 px), kept
+in the pickle's `demo_base` entry (with the last run's options) and drawn into --preview.
 
-Time on the 2-core development machine (2026-12-05, shared with other jobs, load 13-15, one torch
-thread): 3-12 s per step of 4 images (generator forward + backward most of it, ground truth ~1 s).
-The committed networks/demo-heads.pkl is 714 steps (2,856 heads) in 61 min (two runs, the second resumed):
-on 40 views of 8 unseen heads it reaches PSNR 18.6 dB and a depth error of 0.0135 (world units; the
-head is ~0.35 wide). That is a head-and-neck silhouette with a hair cap, not yet eyes, nose or glasses: the
-loss was still falling, and faces need many more steps (an estimated several thousand, i.e. hours
-here). An idle machine is several times faster per step.
+--face_weight adds weight to the face pixels (FACE_BOX: eyes, brows, nose, mouth) in the image losses:
+at 32 px of neural rendering those features are 1-3 pixels wide and weigh little in a plain MSE.
+
+Time on the 2-core development machine (2026-12-05, shared with other jobs, one torch thread): 3-9 s
+per step of 4 images at load 5-14 (generator forward + backward most of it, ground truth ~0.5-1 s).
+The committed networks/demo-heads.pkl is 1,851 steps (7,404 heads) in 130 min: 714 steps at lr 0.004
+(61 min), then 1,137 steps from --init=<those weights> with --lr=0.002 --face_weight=4 (69 min, load
+5-14). On 40 views of 8 unseen heads it reaches PSNR 21.0 dB and a depth error of 0.0119 (world units;
+the head is ~0.35 wide), from 18.6 dB and 0.0135 at 714 steps. That is a head and neck with the head's
+own skin and hair colours and a hair cap, not yet eyes, nose or glasses: the loss was still falling, and
+faces need many more steps (an estimated several thousand, i.e. hours here). An idle machine is several
+times faster per step.
 """
 
 import os
