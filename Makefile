@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make demo   set up .venv, then personalize a synthetic demo identity on a tiny base EG3D (CPU, minutes)
+#   make demo   set up .venv, then personalize a rendered 3D head on the committed small base EG3D (CPU, minutes)
 #   make test   set up .venv, then run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
@@ -39,4 +39,4 @@ test: setup browser
 	$(PY) -m pytest tests -q
 
 clean-demo:
-	rm -rf networks/demo-base.pkl datasets/demo datasets/demo-heldout datasets/demo-groundtruth runs/demo
+	rm -rf datasets/demo datasets/demo-heldout datasets/demo-groundtruth runs/demo

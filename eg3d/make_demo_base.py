@@ -14,24 +14,30 @@ of a step small). No GAN loss, no LPIPS: the offline machines have no pretrained
 
 Training is resumable: the state (weights, Adam, step) is checkpointed atomically to --state every
 --checkpoint_every steps and when the run stops (--minutes reached, Ctrl-C); running the same command
-again continues from it. Every run ends by writing the pickle (project format, loads with
-legacy.load_network_pkl) and, with --eval_heads > 0, measuring the base against the renderer on heads
-and views it never trained on (PSNR at 128 px, depth error on the head at 32 px), kept in the pickle's
-`demo_base` entry and drawn into --preview.
+again continues from it. --init=PKL starts a run whose --state does not exist yet from a base pickle's
+weights instead (fresh Adam; the step count and training time go on from the pickle's record), e.g. to
+go on from the committed base with other settings. Every run ends by writing the pickle (project
+format, loads with legacy.load_network_pkl) and, with --eval_heads > 0, measuring the base against the
+renderer on heads and views it never trained on (PSNR at 128 px, depth error on the head at 32 px), kept
+in the pickle's `demo_base` entry (with the last run's options) and drawn into --preview.
 
-Time on the 2-core development machine (2026-12-05, shared with other jobs, load 13-15, one torch
-thread): 3-12 s per step of 4 images (generator forward + backward most of it, ground truth ~1 s).
-The committed networks/demo-heads.pkl is 714 steps (2,856 heads) in 61 min (two runs, the second resumed):
-on 40 views of 8 unseen heads it reaches PSNR 18.6 dB and a depth error of 0.0135 (world units; the
-head is ~0.35 wide). That is a head-and-neck silhouette with a hair cap, not yet eyes, nose or glasses: the
-loss was still falling, and faces need many more steps (an estimated several thousand, i.e. hours
-here). An idle machine is several times faster per step.
+--face_weight adds weight to the face pixels (FACE_BOX: eyes, brows, nose, mouth) in the image losses:
+at 32 px of neural rendering those features are 1-3 pixels wide and weigh little in a plain MSE.
+
+Time on the 2-core development machine (2026-12-05, shared with other jobs, one torch thread): 3-9 s
+per step of 4 images at load 5-14 (generator forward + backward most of it, ground truth ~0.5-1 s).
+The committed networks/demo-heads.pkl is 1,851 steps (7,404 heads) in 130 min: 714 steps at lr 0.004
+(61 min), then 1,137 steps from --init=<those weights> with --lr=0.002 --face_weight=4 (69 min, load
+5-14). On 40 views of 8 unseen heads it reaches PSNR 21.0 dB and a depth error of 0.0119 (world units;
+the head is ~0.35 wide), from 18.6 dB and 0.0135 at 714 steps. That is a head and neck with the head's
+own skin and hair colours and a hair cap, not yet eyes, nose or glasses: the loss was still falling, and
+faces need many more steps (an estimated several thousand, i.e. hours here). An idle machine is several
+times faster per step.
 """
 
-import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import click
 import numpy as np
@@ -43,6 +49,7 @@ import tqdm
 import dnnlib
 import legacy
 from camera_utils import label_from_yaw_pitch
+from torch_utils import misc
 from training import procedural_heads as ph
 from training import synthetic_identity as si
 
@@ -50,6 +57,8 @@ NEURAL_RENDERING_RESOLUTION = 32
 GROUND_TRUTH_RESOLUTION = 64
 EVAL_SEED = 1_000_000  # latents of the evaluation heads: seeds EVAL_SEED + k, never drawn in training
 EVAL_YAWS = (-0.6, -0.3, 0.0, 0.3, 0.6)
+# World-space box around the eyes, brows, nose and mouth of every head of the family (x, y, z ranges).
+FACE_BOX = ((-0.1, 0.1), (-0.14, 0.1), (0.05, 0.5))
 
 
 def ffhq_like_labels(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -59,16 +68,33 @@ def ffhq_like_labels(batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.from_numpy(np.stack([label_from_yaw_pitch(float(y), float(p)) for y, p in zip(yaws, pitches)])).float()
 
 
-def regression_loss(out: Dict[str, torch.Tensor], truth: Dict[str, torch.Tensor], depth_weight: float) -> Dict[str, torch.Tensor]:
-    """Loss terms of a generator output against the renderer's ground truth (at GROUND_TRUTH_RESOLUTION)."""
+def face_mask(labels: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """[B, 1, R, R]: 1 where the ray of labels [B, 25] hits the head (depth [B, 1, R, R]) inside FACE_BOX."""
+    B, R = depth.shape[0], depth.shape[-1]
+    origins, dirs = ph.rays_of_labels(labels, R)
+    points = (origins + depth.reshape(B, -1, 1) * dirs).permute(0, 2, 1).reshape(B, 3, R, R)  # as render lays out pixels
+    inside = torch.ones_like(depth, dtype=torch.bool)
+    for axis, (lo, hi) in enumerate(FACE_BOX):
+        inside &= (points[:, axis:axis + 1] > lo) & (points[:, axis:axis + 1] < hi)
+    return (inside & (depth < ph.T_FAR)).float()
+
+
+def regression_loss(out: Dict[str, torch.Tensor], truth: Dict[str, torch.Tensor], depth_weight: float,
+                    pixel_weight: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Loss terms of a generator output against the renderer's ground truth (at GROUND_TRUTH_RESOLUTION).
+
+    `pixel_weight` [B, 1, R, R] (at the ground truth's resolution, mean ~1) weights the image errors.
+    """
+    weight = torch.ones_like(truth['mask']) if pixel_weight is None else pixel_weight
+    weight_raw = F.interpolate(weight, size=out['image_raw'].shape[-1], mode='area')
     image = F.interpolate(out['image'], size=truth['image'].shape[-1], mode='area')
     truth_raw = F.interpolate(truth['image'], size=out['image_raw'].shape[-1], mode='area')
     # Depth only where the head covers the whole low-resolution pixel: edges mix head and background.
     mask = (F.interpolate(truth['mask'], size=out['image_depth'].shape[-1], mode='area') > 0.999).float()
     truth_depth = F.interpolate(truth['depth'], size=out['image_depth'].shape[-1], mode='area')
     depth = ((out['image_depth'] - truth_depth).abs() * mask).sum() / mask.sum().clamp_min(1)
-    terms = dict(mse=(image - truth['image']).square().mean(), mse_raw=(out['image_raw'] - truth_raw).square().mean(),
-                 depth=depth)
+    terms = dict(mse=((image - truth['image']).square() * weight).mean(),
+                 mse_raw=((out['image_raw'] - truth_raw).square() * weight_raw).mean(), depth=depth)
     terms['loss'] = terms['mse'] + terms['mse_raw'] + depth_weight * terms['depth']
     return terms
 
@@ -90,6 +116,19 @@ def load_state(path: str, options: dict) -> Optional[dict]:
         raise click.ClickException(f'{path} was made with other options ({state.get("options")}); '
                                    'pass the same options, or another --state to start afresh')
     return state
+
+
+def initialise_from(path: str, G: torch.nn.Module) -> Tuple[int, float]:
+    """Copy the G_ema weights of the base pickle at `path` into G; returns its (steps, seconds) of training."""
+    if not os.path.isfile(path):
+        raise click.ClickException(f'--init: {path} does not exist')
+    try:
+        data = legacy.load_network_pkl(path)  # the safe loader: a pickle never runs code here
+        misc.copy_params_and_buffers(data['G_ema'], G, require_all=True)
+    except Exception as err:
+        raise click.ClickException(f'--init: {path} is not a demo base pickle of this generator ({err})') from err
+    info = data.get('demo_base') or {}
+    return int(info.get('steps', 0)), 60.0 * float(info.get('train_minutes', 0.0))
 
 
 @torch.no_grad()
@@ -138,13 +177,22 @@ def write_preview(path: str, truths: torch.Tensor, renders: torch.Tensor) -> Non
 @click.option('--batch', type=int, default=4, show_default=True)
 @click.option('--lr', type=float, default=0.004, show_default=True, help='Adam learning rate')
 @click.option('--depth_weight', type=float, default=1.0, show_default=True)
+@click.option('--face_weight', type=float, default=0.0, show_default=True,
+              help='extra weight of face pixels (FACE_BOX) in the image losses: features are small at 32 px')
 @click.option('--seed', type=int, default=0, show_default=True, help='initial weights, latents and cameras')
+@click.option('--init', 'init_pkl', default=None, help='start from this pickle\'s G_ema weights (fresh Adam) '
+              'when --state does not exist yet')
 @click.option('--checkpoint_every', type=int, default=20, show_default=True)
 @click.option('--eval_heads', type=int, default=8, show_default=True, help='unseen heads to evaluate on (0: none)')
-def main(out, state, preview, steps, minutes, batch, lr, depth_weight, seed, checkpoint_every, eval_heads):
+def main(out, state, preview, steps, minutes, batch, lr, depth_weight, face_weight, seed, init_pkl, checkpoint_every,
+         eval_heads):
     """Train the demo base generator on the procedural head family (resumable)."""
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     options = dict(batch=batch, lr=lr, depth_weight=depth_weight, seed=seed)
+    if face_weight:
+        options['face_weight'] = face_weight  # only when set: checkpoints made before the option still resume
+    if init_pkl:
+        options['init'] = os.path.abspath(init_pkl)
     G = si.build_tiny_generator(seed).train().requires_grad_(True)
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.9, 0.99))
     start, seconds = 0, 0.0
@@ -154,6 +202,9 @@ def main(out, state, preview, steps, minutes, batch, lr, depth_weight, seed, che
         opt.load_state_dict(resumed['opt'])
         start, seconds = resumed['step'], resumed['seconds']
         print(f'Resuming {state} at step {start} ({seconds / 60:.1f} min trained)')
+    elif init_pkl:
+        start, seconds = initialise_from(init_pkl, G)
+        print(f'Starting from {init_pkl} (step {start}, {seconds / 60:.1f} min trained; fresh Adam)')
 
     t_start = time.time()
     step = start
@@ -164,8 +215,9 @@ def main(out, state, preview, steps, minutes, batch, lr, depth_weight, seed, che
             z = torch.randn([batch, G.z_dim], generator=gen)
             labels = ffhq_like_labels(batch, gen)
             truth = ph.render(ph.HeadScene(ph.params_from_latent(z)), labels, GROUND_TRUTH_RESOLUTION)
+            weight = 1 + face_weight * face_mask(labels, truth['depth']) if face_weight else None
             terms = regression_loss(G(z, labels, neural_rendering_resolution=NEURAL_RENDERING_RESOLUTION), truth,
-                                    depth_weight)
+                                    depth_weight, weight)
             opt.zero_grad(set_to_none=True)
             terms['loss'].backward()
             opt.step()

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import legacy
@@ -55,3 +54,28 @@ def test_training_resumes_from_its_checkpoint_and_refuses_other_options(tmp_path
     other = run_cli(tmp_path, '--steps=3', '--lr=0.01', '--eval_heads=0')
     assert other.returncode != 0 and 'other options' in other.stderr
     assert torch.load(tmp_path / 'state.pt', weights_only=True)['step'] == 2  # the checkpoint is untouched
+
+
+def test_face_mask_covers_the_face_and_not_the_hair_or_background():
+    label = torch.from_numpy(label_from_yaw_pitch(0.0, 0.0)).float()[None]
+    truth = ph.render(ph.HeadScene(ph.params_from_seed(1)), label, 64)
+    mask = make_demo_base.face_mask(label, truth['depth'])[0, 0]
+    rows = mask.nonzero()[:, 0]
+    assert mask.sum() > 50 and mask[truth['mask'][0, 0] == 0].sum() == 0  # some face, nothing off the head
+    head_rows = truth['mask'][0, 0].nonzero()[:, 0]
+    assert rows.min() > head_rows.min() + 5  # the hair cap above the forehead is not face
+    assert mask[32, 32] == 1  # the nose, at the image centre of a frontal view
+
+
+def test_training_starts_from_a_pickle_with_fresh_adam(tmp_path):
+    started = run_cli(tmp_path, f'--init={COMMITTED_BASE}', '--steps=10000', '--minutes=0', '--eval_heads=0')
+    assert started.returncode == 0, started.stderr
+    steps = legacy.load_network_pkl(str(COMMITTED_BASE))['demo_base']['steps']
+    assert 'Starting from' in started.stdout
+    state = torch.load(tmp_path / 'state.pt', weights_only=True)
+    assert state['step'] == steps  # the step count goes on from the pickle's (--minutes=0: no step taken)
+    committed = legacy.load_network_pkl(str(COMMITTED_BASE))['G_ema'].state_dict()
+    assert all(torch.equal(state['G'][k], v) for k, v in committed.items())
+
+    missing = run_cli(tmp_path, f'--init={tmp_path / "nothing.pkl"}', f'--state={tmp_path / "other.pt"}')
+    assert missing.returncode != 0 and 'nothing.pkl does not exist' in missing.stderr
