@@ -8,6 +8,7 @@ TypeError, never silently dropped.
 import dataclasses
 from typing import Any, Dict, List, Optional
 
+import dnnlib
 from training import recipe as recipes
 
 EG3D_ADAM = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)  # EG3D's G optimizer
@@ -61,10 +62,11 @@ class TrainingOptions:
         if self.metrics:
             raise ValueError(f'metrics={list(self.metrics)}: personalization computes no quality metrics during '
                              'training (run evaluate.py on the snapshots)')
-        # Own copies: the loop records these dicts in its snapshots; a caller's dicts stay as they were.
-        self.training_set_kwargs = dict(self.training_set_kwargs or {})
-        self.G_opt_kwargs = dict(self.G_opt_kwargs or EG3D_ADAM)
-        self.loss_kwargs = dict(self.loss_kwargs or {})
+        # Own copies (the loop records them in its snapshots; a caller's dicts stay as they were), read
+        # as EG3D's were: c.loss_kwargs.lpips_net or c.loss_kwargs['lpips_net'].
+        self.training_set_kwargs = dnnlib.EasyDict(self.training_set_kwargs or {})
+        self.G_opt_kwargs = dnnlib.EasyDict(self.G_opt_kwargs or EG3D_ADAM)
+        self.loss_kwargs = dnnlib.EasyDict(self.loss_kwargs or {})
         self.metrics = list(self.metrics)
 
     def make_recipe(self) -> recipes.Recipe:
