@@ -113,11 +113,10 @@ def print_options(c: TrainingOptions) -> None:
     print(f'Processes:           {c.num_gpus} ({c.device})')
     print(f'Batch size:          {c.batch_size} images ({c.batch_gpu} per pass)')
     print(f'Training duration:   {c.total_kimg:g} kimg')
-    data = c.training_set_kwargs
-    print(f'Dataset:             {data["path"]} ({data["max_size"]} images, {data["resolution"]}px, '
-          f'x-flips {data["xflip"]})')
-    if len(data['identities']) > 1:
-        print(f'Identities:          {len(data["identities"])} (one adapter each)')
+    print(f'Dataset:             {c.training_set_kwargs.path} ({c.training_set_kwargs.max_size} images, '
+          f'{c.training_set_kwargs.resolution}px, x-flips {c.training_set_kwargs.xflip})')
+    if len(c.training_set_kwargs.identities) > 1:
+        print(f'Identities:          {len(c.training_set_kwargs.identities)} (one adapter each)')
     print(f'Trainable:           {c.mode}')
     print(f'Recipe:              {c.recipe["name"]} (Adam lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
           f'{c.recipe["decay"]} rate)')
