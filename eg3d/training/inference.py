@@ -291,9 +291,7 @@ def read_labels(folder: PathLike) -> Dict[str, np.ndarray]:
         raise InputError(f'{path} {err.message}') from None
     if problems:
         raise InputError(f'{path} has {len(problems)} problem(s): ' + '; '.join(f'{f}: {m}' for f, m in problems))
-    if not labels:
-        raise InputError(f'{path} lists no images')
-    return labels
+    return labels  # callers name each image without a label
 
 
 def label_for_image(image_path: PathLike, c_path: Optional[PathLike] = None) -> np.ndarray:
