@@ -54,7 +54,8 @@ def make_loss(loss_kwargs: dict, device: torch.device) -> PersonalizationLoss:
         from training.arcface import IRSE50
         arcface = IRSE50.load(loss_kwargs['id_model'], device)
     return PersonalizationLoss(device, lpips_net=loss_kwargs.get('lpips_net', 'alex'), arcface=arcface,
-                               id_weight=loss_kwargs.get('id_weight', 0.0), sym_weight=loss_kwargs.get('sym_weight', 0.0),
+                               id_weight=loss_kwargs.get('id_weight', 0.0),
+                               sym_weight=loss_kwargs.get('sym_weight', 0.0),
                                density_reg=loss_kwargs.get('density_reg'),
                                density_reg_p_dist=loss_kwargs.get('density_reg_p_dist'))
 

@@ -72,7 +72,8 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     neural_rendering_resolution = (o.neural_rendering_resolution if o.neural_rendering_resolution is not None else
                                    int(getattr(G.superresolution, 'input_resolution', 64)))
     loss_fn = make_loss(o.loss_kwargs, device)
-    snapshots = Snapshots(G, start, data, trainables, loss_fn, recipe, o, neural_rendering_resolution, rank, device, log)
+    snapshots = Snapshots(G, start, data, trainables, loss_fn, recipe, o, neural_rendering_resolution, rank, device,
+                          log)
     cur_nimg, step = snapshots.restore_training_state() if start.continuing else (0, 0)
 
     snapshots.save_start_grid(cur_nimg)

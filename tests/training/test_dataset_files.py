@@ -68,8 +68,9 @@ def test_without_a_generator_the_file_gives_the_layers_and_the_width():
 
 
 @pytest.mark.parametrize('array, message', [
-    (np.zeros((1, NUM_WS + 1, W_DIM), np.float32), f'latent has shape [1, {NUM_WS + 1}, {W_DIM}]; expected W [{W_DIM}] '
-                                                   f'or [1, {W_DIM}], or W+ [{NUM_WS}, {W_DIM}] or [1, {NUM_WS}, {W_DIM}]'),
+    (np.zeros((1, NUM_WS + 1, W_DIM), np.float32),
+     f'latent has shape [1, {NUM_WS + 1}, {W_DIM}]; expected W [{W_DIM}] or [1, {W_DIM}], '
+     f'or W+ [{NUM_WS}, {W_DIM}] or [1, {NUM_WS}, {W_DIM}]'),
     (np.zeros((NUM_WS * W_DIM,), np.float32), f'latent has shape [{NUM_WS * W_DIM}]'),
     (np.zeros((1, W_DIM), np.int64), 'latent has dtype int64; expected a float array'),
     (np.full((1, W_DIM), np.inf, np.float32), 'latent contains NaN or inf'),
