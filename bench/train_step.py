@@ -6,7 +6,7 @@
 Each mode runs in its own process (clean peak-memory numbers); with `--repeats R` the processes run
 R times, alternating between the modes, so that changes in machine load hit every mode alike, and the
 table gives the median over all timed steps of a mode (memory: the median over its processes).
-Each process times the real training step of training/training_loop.py: G.synthesis with
+Each process times the real training step of training/train_step.py: G.synthesis with
 noise_mode='const' at the neural rendering resolution, the personalization loss (MSE + LPIPS at both
 resolutions; density regularisation on every `--density_reg_every`-th step), backward, Adam on the
 trainable parameters (AdaLoRA: plus the orthogonal regularisation and the rank allocator). Weights
@@ -105,7 +105,8 @@ def run_mode(args) -> dict:
     from training import adapters
     from training import synthetic_identity
     from training.loss import PersonalizationLoss
-    from training.training_loop import all_reduce_gradients, set_full_finetuning
+    from training.train_step import all_reduce_gradients
+    from training.trainables import set_full_finetuning
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ import scipy.optimize
 import torch
 from tqdm import tqdm
 
+from training import dataset_files
 from training import inference as inf
 
 
@@ -34,15 +35,10 @@ def read_latent_set(spec: str) -> Tuple[np.ndarray, List[Path]]:
         raise inf.InputError(f'no latents in {spec!r}')
     arrays = []
     for p in paths:
-        a = np.load(p, allow_pickle=False)
-        if a.ndim >= 2 and a.shape[0] == 1:
-            a = a[0]
-        if a.ndim == 1:
-            a = a[np.newaxis]
-        if a.ndim != 2:
-            raise inf.InputError(f'latent {p} has shape {list(np.load(p).shape)}; expected W [1, w_dim] or '
-                                 'W+ [1, num_ws, w_dim]')
-        arrays.append(a)
+        try:
+            arrays.append(dataset_files.parse_latent(p.read_bytes(), str(p), num_ws=None, w_dim=None))
+        except dataset_files.FileProblem as err:
+            raise inf.InputError(str(err)) from None
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise inf.InputError(f'latents in {spec!r} have different shapes {sorted(shapes)}')

@@ -21,7 +21,7 @@ import projector
 from photo_prep import crop, outputs, pipeline
 from photo_prep.face_models import FaceModels, ModelsMissing
 from training import inference as inf
-from training.dataset import latent_name
+from training.dataset_files import latent_name
 
 
 def project_latents(outdir: Path, records, G: torch.nn.Module, device: torch.device,

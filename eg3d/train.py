@@ -1,7 +1,7 @@
 """Personalize a pretrained EG3D to one identity: train low-rank adapters (or the whole generator).
 
-Command-line interface only: checks the inputs, builds a plain options dict and hands it to
-`training.training_loop.training_loop` in one process, in `--gpus` spawned processes, or in each
+Command-line interface only: checks the inputs, builds the run's `TrainingOptions` and hands them to
+`training.training_loop.run` in one process, in `--gpus` spawned processes, or in each
 process that `torchrun` started. See docs/training.md.
 """
 
@@ -10,6 +10,7 @@ import math
 import os
 import re
 import tempfile
+from typing import Union
 
 import click
 import torch
@@ -19,6 +20,7 @@ import legacy
 from training import training_loop
 from training import validation
 from training.dataset import DatasetError, IdentitySet
+from training.options import TrainingOptions
 from training.recipe import DEFAULT_RECIPE, RECIPES
 
 #----------------------------------------------------------------------------
@@ -33,14 +35,14 @@ def _torchrun_env() -> dict:
     return {}
 
 
-def _init_process(c: dnnlib.EasyDict, rank: int, local_rank: int, local_world_size: int) -> None:
+def _init_process(c: TrainingOptions, rank: int, local_rank: int, local_world_size: int) -> None:
     if c.device == 'cpu':
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     else:
         torch.cuda.set_device(local_rank)
 
 
-def subprocess_fn(rank: int, c: dnnlib.EasyDict, temp_dir: str) -> None:
+def subprocess_fn(rank: int, c: TrainingOptions, temp_dir: str) -> None:
     """One process of a `--gpus=N` run started by torch.multiprocessing.spawn."""
     _init_process(c, rank, rank, c.num_gpus)
     if c.num_gpus > 1:
@@ -48,7 +50,7 @@ def subprocess_fn(rank: int, c: dnnlib.EasyDict, temp_dir: str) -> None:
         torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo',
                                              init_method=init_method, rank=rank, world_size=c.num_gpus)
     try:
-        training_loop.training_loop(rank=rank, local_rank=rank, **c)
+        training_loop.run(c, rank=rank, local_rank=rank)
     finally:
         if c.num_gpus > 1:
             torch.distributed.destroy_process_group()
@@ -63,7 +65,7 @@ def make_run_dir(outdir: str, desc: str) -> str:
     return run_dir
 
 
-def launch_training(c: dnnlib.EasyDict, desc: str, outdir: str, dry_run: bool) -> None:
+def launch_training(c: TrainingOptions, desc: str, outdir: str, dry_run: bool) -> None:
     env = _torchrun_env()
     if env:  # torchrun: this process is one rank; rank 0 picks the run directory.
         _init_process(c, env['rank'], env['local_rank'], env['local_world_size'])
@@ -78,7 +80,7 @@ def launch_training(c: dnnlib.EasyDict, desc: str, outdir: str, dry_run: bool) -
         try:
             if holder[0] is not None:
                 c.run_dir = holder[0]
-                training_loop.training_loop(rank=env['rank'], local_rank=env['local_rank'], **c)
+                training_loop.run(c, rank=env['rank'], local_rank=env['local_rank'])
         finally:
             torch.distributed.destroy_process_group()
         return
@@ -92,7 +94,7 @@ def launch_training(c: dnnlib.EasyDict, desc: str, outdir: str, dry_run: bool) -
     run_processes(subprocess_fn, c)
 
 
-def run_processes(fn, c: dnnlib.EasyDict) -> None:
+def run_processes(fn, c: Union[TrainingOptions, dnnlib.EasyDict]) -> None:
     """fn(rank, c, temp_dir) in this process for one GPU, else in one spawned process per GPU (the temporary
     folder holds their rendezvous file)."""
     if c.num_gpus == 1:
@@ -103,10 +105,10 @@ def run_processes(fn, c: dnnlib.EasyDict) -> None:
             torch.multiprocessing.spawn(fn=fn, args=(c, temp_dir), nprocs=c.num_gpus)
 
 
-def print_options(c: dnnlib.EasyDict) -> None:
+def print_options(c: TrainingOptions) -> None:
     print()
     print('Training options:')
-    print(json.dumps(c, indent=2))
+    print(json.dumps(c.to_dict(), indent=2))
     print()
     print(f'Processes:           {c.num_gpus} ({c.device})')
     print(f'Batch size:          {c.batch_size} images ({c.batch_gpu} per pass)')
@@ -121,9 +123,10 @@ def print_options(c: dnnlib.EasyDict) -> None:
     print()
 
 
-def write_options(c: dnnlib.EasyDict, run_dir: str) -> None:
-    with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
-        json.dump(dict(c, run_dir=run_dir), f, indent=2)
+def write_options(c: TrainingOptions, run_dir: str) -> None:
+    with dnnlib.util.atomic_write_path(os.path.join(run_dir, 'training_options.json')) as tmp:
+        with open(tmp, 'wt') as f:
+            json.dump(dict(c.to_dict(), run_dir=run_dir), f, indent=2)
 
 #----------------------------------------------------------------------------
 
@@ -347,20 +350,20 @@ def main(**kwargs):
              f'holds {identities}; pass the same --data to continue the run')
     dataset_name = training_set.name
 
-    c = dnnlib.EasyDict(
-        training_set_kwargs=dnnlib.EasyDict(path=opts.data, xflip=opts.mirror, resolution=resolution,
-                                            max_size=len(train_part), identities=identities),
+    c = TrainingOptions(
+        training_set_kwargs=dict(path=opts.data, xflip=opts.mirror, resolution=resolution, max_size=len(train_part),
+                                 identities=identities),
         resume_pkl=opts.resume, trust_pickle=opts.trust_pickle, cfg=opts.cfg,
         g_num_fp16_res=opts.g_num_fp16_res, sr_num_fp16_res=opts.sr_num_fp16_res,
         adapter_config=adapter_config, freeze_render=opts.freeze_render, mode=mode,
-        G_opt_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=recipe.lr, betas=list(recipe.betas), eps=recipe.eps),
+        G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=recipe.lr, betas=list(recipe.betas), eps=recipe.eps),
         recipe=recipe.to_dict(),
         val_views=opts.val_views, val_data=opts.val_data, early_stop=opts.early_stop,
-        loss_kwargs=dnnlib.EasyDict(lpips_net=opts.lpips,
-                                    id_model=opts.id_model if (opts.id_regularization or opts.sym_regularization) else None,
-                                    id_weight=opts.id_weight if opts.id_regularization else 0.0,
-                                    sym_weight=opts.sym_weight if opts.sym_regularization else 0.0,
-                                    density_reg=opts.density_reg, density_reg_p_dist=opts.density_reg_p_dist),
+        loss_kwargs=dict(lpips_net=opts.lpips,
+                         id_model=opts.id_model if (opts.id_regularization or opts.sym_regularization) else None,
+                         id_weight=opts.id_weight if opts.id_regularization else 0.0,
+                         sym_weight=opts.sym_weight if opts.sym_regularization else 0.0,
+                         density_reg=opts.density_reg, density_reg_p_dist=opts.density_reg_p_dist),
         neural_rendering_resolution=opts.neural_rendering_resolution_initial,
         density_reg_every=opts.density_reg_every,
         total_kimg=opts.kimg, kimg_per_tick=opts.tick, network_snapshot_ticks=opts.snap,

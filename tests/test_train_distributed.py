@@ -127,11 +127,11 @@ def _updates(files):
     return out
 
 
-def _assert_same_gradients(two, one):
+def _assert_same_gradients(two, one, moving=('lora_A', 'lora_B')):
     """Every update (a gradient times the step) equal to within 1% of its largest entry, plus the float32
     rounding of the factor it was taken from (the second step starts from first steps that differ in
-    rounding, and the summation order over processes differs). Every B and A factor moved by far more
-    than that, so gradients scaled by 2 (or by 1.1) fail."""
+    rounding, and the summation order over processes differs). Every factor of the kinds `moving` moved by
+    far more than that, so gradients scaled by 2 (or by 1.1) fail."""
     assert two.keys() == one.keys() and len(one) >= 2
     a, b = _updates(two), _updates(one)
     assert a.keys() == b.keys()
@@ -141,7 +141,7 @@ def _assert_same_gradients(two, one):
         (got, _), (want, value) = a[key], b[key]
         noise = 1e-2 * float(want.abs().max()) + 1e-6 * float(value.abs().max())
         torch.testing.assert_close(got, want, rtol=0, atol=noise, msg=lambda m, key=key: f'{key}: {m}')
-    for factor in ('lora_A', 'lora_B'):
+    for factor in moving:
         moved = {key[2] for key in updates if key[2].endswith(factor)
                  and b[key][0].abs().max() > 1e-4 * b[key][1].abs().max()}
         assert moved == {key[2] for key in b if key[2].endswith(factor)}, factor

@@ -144,3 +144,24 @@ def test_validation_scores_each_identity_and_keeps_its_best_adapter(people, tmp_
         assert (run / 'adapters' / f'{name}-best.safetensors').is_file()
     assert record['run']['step'] == min(stats, key=lambda s: s['val/loss'])['step']
     assert (run / 'network-snapshot-best.pkl').is_file() and not (run / 'adapter-best.safetensors').exists()
+
+
+def test_two_identities_in_one_run_take_the_sgd_steps_of_two_single_runs(people, tmp_path, monkeypatch):
+    """The exact version of the comparison above: with Adam turned into SGD (test_train_distributed's recipe),
+    each adapter's update in a two-identity run of batch 4 is the update of its identity's run alone at batch 2.
+    Adam would hide a wrong gradient scale (the K factor on the loss); SGD moves by the gradient itself. Every
+    chunk draws the renderer's randomness from its step's seed (not the chunk's), so that an identity's samples
+    (chunks 0 and 2 of the two-identity batch, 0 and 1 alone) see the same random draws in both runs. Every B
+    factor moves in the first step (a wrong scale shows there); some A factors of these people barely move in
+    the second, so A's updates are compared but not required to be large."""
+    from test_train_distributed import _assert_same_gradients, _sgd_adapters
+    from training import train_step
+    real_chunk_seed = train_step.chunk_seed
+    monkeypatch.setattr(train_step, 'chunk_seed', lambda random_seed, step, chunk: real_chunk_seed(random_seed, step, 0))
+    multi = _sgd_adapters(people.people, people.base_pkl, tmp_path / 'multi', 1, 4, monkeypatch)
+    assert sorted(multi) == sorted(f'{name}-000000.00{n}.safetensors' for name in people.names for n in (4, 8))
+    for name in people.names:
+        alone = _sgd_adapters(os.path.join(people.people, name), people.base_pkl, tmp_path / name, 1, 2, monkeypatch)
+        assert sorted(alone) == ['adapter-000000.002.safetensors', 'adapter-000000.004.safetensors']
+        as_in_multi = {f'{name}-000000.00{2 * n}.safetensors': alone[f'adapter-000000.00{n}.safetensors'] for n in (2, 4)}
+        _assert_same_gradients({file: multi[file] for file in as_in_multi}, as_in_multi, moving=('lora_B',))

@@ -13,7 +13,7 @@ import PIL.Image
 import dnnlib
 from photo_prep import contact_sheet
 from photo_prep.pipeline import PhotoRecord, PrepareError
-from training.dataset import latent_name
+from training.dataset_files import latent_name
 
 REPORT = 'prepare_report.json'
 SHEET = 'contact_sheet.png'

@@ -4,10 +4,8 @@ Layout (a folder or a .zip of it; EG3D's `dataset.json` convention plus one late
 
     image_0.png  image_0_latent.npy  image_1.png  image_1_latent.npy  ...  dataset.json
 
-`dataset.json` holds `{"labels": [[filename, [25 floats]], ...]}`: the camera of each image as
-cam2world (4x4, row-major) followed by the intrinsics (3x3, normalised by the image size).
-A latent is W (`[w_dim]` or `[1, w_dim]`, repeated to all `num_ws` layers) or W+
-(`[num_ws, w_dim]` or `[1, num_ws, w_dim]`), float, finite.
+`dataset.json` (each image's camera) and the latents are read by `training/dataset_files.py`, the
+one reader of both formats.
 
 `IdentityDataset(path, ...)` reads everything up front (an identity has tens of selfies), checks
 all of it and raises one `DatasetError` that lists every problem with its file. The source is
@@ -19,20 +17,19 @@ gets the same share of samples. One identity is the special case K = 1.
 """
 
 import io
-import json
 import os
 import zipfile
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
 import torch
 
+from training.dataset_files import LABELS_FILE, LABELS_LAYOUT, FileProblem, latent_name, parse_labels, parse_latent
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-LATENT_SUFFIX = '_latent.npy'
 # Pictures that prepare_dataset.py writes beside the crops for people to look at; never training images.
 REVIEW_IMAGES = ('contact_sheet.png',)
-LABEL_LENGTH = 25  # cam2world 4x4 (16) + intrinsics 3x3 (9)
 
 #----------------------------------------------------------------------------
 
@@ -47,11 +44,6 @@ class DatasetError(ValueError):
         lines += [f'  {name}: {message}' for name, message in problems]
         lines += ['See docs/datasets.md for the expected layout.']
         super().__init__('\n'.join(lines))
-
-
-def latent_name(image_name: str) -> str:
-    """`image_3.png` -> `image_3_latent.npy` (beside the image)."""
-    return os.path.splitext(image_name)[0] + LATENT_SUFFIX
 
 
 def mirror_camera(label: np.ndarray) -> np.ndarray:
@@ -107,41 +99,18 @@ class _Source:
 #----------------------------------------------------------------------------
 
 
-def _read_labels(source: _Source, problems: list) -> Optional[list]:
-    if 'dataset.json' not in source.names:
-        problems.append(('dataset.json', 'missing: the camera labels of the images must be in dataset.json '
-                         '({"labels": [[filename, [25 floats]], ...]})'))
+def _read_labels(source: _Source, problems: list) -> Optional[Dict[str, Optional[np.ndarray]]]:
+    if LABELS_FILE not in source.names:
+        problems.append((LABELS_FILE, f'missing: the camera labels of the images must be in {LABELS_FILE} '
+                         f'({LABELS_LAYOUT})'))
         return None
     try:
-        data = json.loads(source.read('dataset.json').decode('utf-8'))
-    except (ValueError, UnicodeDecodeError) as err:
-        problems.append(('dataset.json', f'is not valid JSON ({err})'))
+        labels, entry_problems = parse_labels(source.read(LABELS_FILE))
+    except FileProblem as err:
+        problems.append((err.file, err.message))
         return None
-    labels = data.get('labels') if isinstance(data, dict) else None
-    if not isinstance(labels, list):
-        problems.append(('dataset.json', 'has no "labels" list ({"labels": [[filename, [25 floats]], ...]})'))
-        return None
+    problems.extend(entry_problems)
     return labels
-
-
-def _check_label(entry, problems: list) -> Tuple[Optional[str], Optional[np.ndarray]]:
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
-        problems.append(('dataset.json', f'label entry {str(entry)[:60]!r} is not [filename, [25 floats]]'))
-        return None, None
-    name, values = entry
-    try:
-        label = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        problems.append((name, 'label in dataset.json is not a list of numbers'))
-        return name, None
-    if np.asarray(values, dtype=object).ndim != 1 or label.size != LABEL_LENGTH:
-        problems.append((name, f'label in dataset.json has {label.size} values; expected {LABEL_LENGTH} '
-                         '(cam2world 4x4 row-major + intrinsics 3x3)'))
-        return name, None
-    if not np.all(np.isfinite(label)):
-        problems.append((name, 'label in dataset.json contains NaN or inf'))
-        return name, None
-    return name, label.astype(np.float32)
 
 
 def _check_image(source: _Source, name: str, resolution: Optional[int], problems: list) -> Optional[np.ndarray]:
@@ -167,30 +136,10 @@ def _check_image(source: _Source, name: str, resolution: Optional[int], problems
 def _check_latent(source: _Source, name: str, num_ws: Optional[int], w_dim: int,
                   problems: list) -> Optional[np.ndarray]:
     try:
-        latent = np.load(io.BytesIO(source.read(name)), allow_pickle=False)
-    except Exception as err:
-        problems.append((name, f'unreadable latent ({type(err).__name__}: {err})'))
+        return parse_latent(source.read(name), name, num_ws, w_dim)
+    except FileProblem as err:
+        problems.append((err.file, err.message))
         return None
-    expected = f'W [{w_dim}] or [1, {w_dim}], or W+ [{num_ws or "num_ws"}, {w_dim}] or [1, {num_ws or "num_ws"}, {w_dim}]'
-    shape = tuple(latent.shape)
-    if not np.issubdtype(latent.dtype, np.floating):
-        problems.append((name, f'latent has dtype {latent.dtype}; expected a float array'))
-        return None
-    squeezed = latent.reshape(shape[1:]) if (len(shape) >= 2 and shape[0] == 1) else latent
-    if squeezed.ndim == 1 and squeezed.shape[0] == w_dim:
-        ws = squeezed[np.newaxis]  # W: one vector for every layer
-    elif squeezed.ndim == 2 and squeezed.shape[1] == w_dim and (num_ws is None or squeezed.shape[0] == num_ws):
-        ws = squeezed
-    else:
-        problems.append((name, f'latent has shape {list(shape)}; expected {expected}'))
-        return None
-    if not np.all(np.isfinite(ws)):
-        problems.append((name, 'latent contains NaN or inf'))
-        return None
-    ws = ws.astype(np.float32)
-    if num_ws is not None:
-        ws = np.broadcast_to(ws, (num_ws, w_dim)).copy()
-    return ws
 
 
 def read_identity(path: str, resolution: Optional[int] = None, num_ws: Optional[int] = None,
@@ -205,15 +154,8 @@ def read_identity(path: str, resolution: Optional[int] = None, num_ws: Optional[
     try:
         labels = _read_labels(source, problems)
         image_names = sorted(n for n in source.names if n.lower().endswith(IMAGE_EXTENSIONS) and n not in REVIEW_IMAGES)
-        labelled = {}
-        for entry in (labels or []):
-            name, label = _check_label(entry, problems)
-            if name is None:
-                continue
-            if name in labelled:
-                problems.append((name, 'appears more than once in dataset.json'))
-                continue
-            labelled[name] = label
+        labelled = labels or {}
+        for name in labelled:
             if name not in source.names:
                 problems.append((name, 'is labelled in dataset.json but the file does not exist'))
         if labels is not None:

@@ -11,7 +11,6 @@ turn it into a click error (`user_errors`) before any long work starts.
 
 import contextlib
 import functools
-import json
 import math
 import os
 import re
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 import dnnlib
 
 from camera_utils import FFHQ_RADIUS, SAMPLING_FOV_DEG
-from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX, REVIEW_IMAGES
+from training import dataset_files
+from training.dataset import IMAGE_EXTENSIONS, REVIEW_IMAGES
+from training.dataset_files import LATENT_SUFFIX
 from training.loss import LPIPS_CHOICES  # re-exported for the scripts' --lpips option
 
 PathLike = Union[str, os.PathLike]
@@ -281,27 +282,16 @@ def orbit_labels(G: torch.nn.Module, yaws: Sequence[float], pitch: float = 0.0, 
 
 def read_labels(folder: PathLike) -> Dict[str, np.ndarray]:
     """{file name: camera [25] float32} from `<folder>/dataset.json` (`labels`: [[name, 25 floats], ...])."""
-    path = Path(folder) / 'dataset.json'
+    path = Path(folder) / dataset_files.LABELS_FILE
     if not path.is_file():
         raise InputError(f'no dataset.json in {folder}: camera labels are needed (or pass --c=<npy>)')
     try:
-        labels = json.loads(path.read_text()).get('labels')
-    except json.JSONDecodeError as e:
-        raise InputError(f'{path} is not valid JSON: {e}') from e
-    if not labels:
-        raise InputError(f'{path} has no "labels" list')
-    out = {}
-    for entry in labels:
-        try:
-            name, values = entry
-            values = np.asarray(values, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise InputError(f'{path}: label entry {str(entry)[:60]!r} is not [filename, [25 floats]]') from None
-        if values.shape != (25,):
-            raise InputError(f'{path}: label of {name} has {values.size} numbers, expected 25 '
-                             '(cam2world 4x4 + intrinsics 3x3)')
-        out[name.replace('\\', '/')] = values
-    return out
+        labels, problems = dataset_files.parse_labels(path.read_bytes())
+    except dataset_files.FileProblem as err:
+        raise InputError(f'{path} {err.message}') from None
+    if problems:
+        raise InputError(f'{path} has {len(problems)} problem(s): ' + '; '.join(f'{f}: {m}' for f, m in problems))
+    return labels  # callers name each image without a label
 
 
 def label_for_image(image_path: PathLike, c_path: Optional[PathLike] = None) -> np.ndarray:
@@ -382,20 +372,10 @@ def load_latent(path: PathLike, G: torch.nn.Module) -> torch.Tensor:
     repeated over the layers) and W+ ([num_ws, w_dim] or [1, num_ws, w_dim])."""
     path = check_file(path, 'Latent file')
     try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise InputError(f'could not read latent {path}: {e}') from e
-    n, d = num_ws(G), int(G.w_dim)
-    shape = list(arr.shape)
-    w = arr.reshape(shape[1:]) if (len(shape) >= 2 and shape[0] == 1) else arr
-    if not (np.issubdtype(arr.dtype, np.floating) and w.ndim in (1, 2) and w.shape[-1] == d
-            and (w.ndim == 1 or w.shape[0] in (1, n))):
-        raise InputError(f'latent {path} has shape {shape}; this generator needs W+ [1, {n}, {d}] '
-                         f'(or [{n}, {d}]) or W [1, {d}] (or [{d}])')
-    if not np.all(np.isfinite(w)):
-        raise InputError(f'latent {path} contains NaN or inf')
-    w = torch.from_numpy(np.asarray(w, dtype=np.float32)).reshape(1, -1, d)
-    return w.repeat(1, n // w.shape[1], 1)
+        ws = dataset_files.parse_latent(path.read_bytes(), str(path), num_ws(G), int(G.w_dim))
+    except dataset_files.FileProblem as err:
+        raise InputError(f'{err} (this generator)') from None
+    return torch.from_numpy(ws).unsqueeze(0)
 
 
 def save_latent(path: PathLike, ws: torch.Tensor, overwrite: bool = False) -> Path:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from training import inference as inf
-from training.dataset import IMAGE_EXTENSIONS, LATENT_SUFFIX
+from training import dataset_files
+from training.dataset import IMAGE_EXTENSIONS
+from training.dataset_files import LATENT_SUFFIX
 
 FFHQ_INTRINSICS = (4.2647, 0.0, 0.5, 0.0, 4.2647, 0.5, 0.0, 0.0, 1.0)
 YAW_STD, YAW_MAX, PITCH_STD, PITCH_MAX = 0.3, 0.8, 0.12, 0.35  # radians, as demo.training_poses
@@ -134,16 +136,10 @@ class FolderSet:
         if not path.is_file():
             return None
         try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as err:
-            problems.append(f'{path}: unreadable latent ({err})')
+            return torch.from_numpy(dataset_files.parse_latent(path.read_bytes(), str(path), num_ws, w_dim))
+        except dataset_files.FileProblem as err:
+            problems.append(str(err))
             return None
-        flat = arr.reshape(-1, w_dim) if arr.size % w_dim == 0 else None
-        if flat is None or flat.shape[0] not in (1, num_ws) or not np.all(np.isfinite(flat)):
-            problems.append(f'{path}: latent of shape {list(arr.shape)}; expected W [1, {w_dim}] or W+ '
-                            f'[1, {num_ws}, {w_dim}] of finite numbers')
-            return None
-        return torch.from_numpy(flat.astype(np.float32)).expand(num_ws, w_dim).clone()
 
     def __len__(self) -> int:
         return len(self.files)

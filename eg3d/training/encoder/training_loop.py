@@ -28,7 +28,8 @@ from training.encoder.data import FolderSet, generator_batch, sample_cameras
 from training.encoder.loss import EncoderLoss, LossWeights
 from training.encoder.networks import EncoderConfig, W3DEncoder
 from training.encoder.replay import ReplayBuffer
-from training.training_loop import all_reduce_gradients, chunk_seed, kimg_tag
+from training.snapshots import kimg_tag
+from training.train_step import all_reduce_gradients, chunk_seed
 
 W_AVG_SAMPLES = 10000
 

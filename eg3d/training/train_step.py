@@ -1,0 +1,111 @@
+"""One training step: the global batch -> G.synthesis -> loss -> adapter gradients -> all-reduce -> Adam.
+
+    indices of the global batch (balanced over identities) -> this process's chunks:
+        each chunk: select its identities' adapters, seed the RNG (chunk_seed), loss, backward
+    (AdaLoRA: orthogonality of P and Q) -> gradients summed over processes (NaN/inf counted, replaced)
+    -> (clip) -> Adam at the recipe's rate -> (AdaLoRA: budget and masks)
+
+Randomness is a pure function of (random_seed, step, chunk), so the result does not depend on how
+chunks are spread over processes. With K identities the batch loss is multiplied by K: an adapter
+gets gradients only from its identity's B / K samples, exactly the gradient of a single-identity run
+with batch B / K (the scale matters: Adam's eps is not scale-free).
+"""
+
+import numpy as np
+import torch
+
+from torch_utils import misc
+from training import adapters
+from training import recipe as recipes
+from training.loss import PersonalizationLoss
+from training.options import TrainingOptions
+from training.run_data import RunData
+from training.tick_stats import TickStats
+from training.trainables import Trainables
+
+
+def chunk_seed(random_seed: int, step: int, chunk: int) -> int:
+    """Seed of the global RNG for chunk `chunk` of training step `step`."""
+    return int(np.random.SeedSequence([random_seed, step, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def all_reduce_gradients(params: list, num_gpus: int) -> torch.Tensor:
+    """Sum gradients over processes (the loss is already scaled to a global-batch mean).
+
+    Returns how many gradient entries were NaN or +-inf (a 0-dim tensor, the same on every process;
+    no device sync here). Those entries are then replaced as EG3D does (NaN by 0, +-inf by +-1e5), so
+    one bad sample does not destroy the adapters; the training loop reports the count per tick.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    if num_gpus > 1:
+        torch.distributed.all_reduce(flat)
+    nonfinite = flat.numel() - torch.isfinite(flat).sum()
+    misc.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+    for param, piece in zip(params, flat.split([p.numel() for p in params])):
+        param.grad = piece.reshape(param.shape)
+    return nonfinite
+
+
+def make_loss(loss_kwargs: dict, device: torch.device) -> PersonalizationLoss:
+    """Reconstruction (MSE + LPIPS, two resolutions) + optional identity terms + density regularisation."""
+    arcface = None
+    if loss_kwargs.get('id_model'):
+        from training.arcface import IRSE50
+        arcface = IRSE50.load(loss_kwargs['id_model'], device)
+    return PersonalizationLoss(device, lpips_net=loss_kwargs.get('lpips_net', 'alex'), arcface=arcface,
+                               id_weight=loss_kwargs.get('id_weight', 0.0),
+                               sym_weight=loss_kwargs.get('sym_weight', 0.0),
+                               density_reg=loss_kwargs.get('density_reg'),
+                               density_reg_p_dist=loss_kwargs.get('density_reg_p_dist'))
+
+
+class TrainingStep:
+    """`step(step, cur_nimg)` runs training step `step` in this process and adds its statistics to `tick`."""
+
+    def __init__(self, G: torch.nn.Module, data: RunData, trainables: Trainables, loss_fn: PersonalizationLoss,
+                 recipe: recipes.Recipe, options: TrainingOptions, random_seed: int, neural_rendering_resolution: int,
+                 rank: int, device: torch.device, tick: TickStats):
+        self.G, self.data, self.trainables, self.loss_fn, self.recipe = G, data, trainables, loss_fn, recipe
+        self.options, self.random_seed, self.rank, self.device, self.tick = options, random_seed, rank, device, tick
+        self.neural_rendering_resolution = neural_rendering_resolution
+        self.lazy_reg = loss_fn.has_lazy_terms(G) and options.density_reg_every > 0
+        self.total_nimg = int(round(options.total_kimg * 1000))
+
+    def __call__(self, step: int, cur_nimg: int) -> float:
+        """Returns the learning rate of the step."""
+        o, data, trainables = self.options, self.data, self.trainables
+        K = data.num_identities
+        indices = torch.from_numpy(data.training_set.batch_indices(o.batch_size, step, self.random_seed))
+        regularize = self.lazy_reg and step % o.density_reg_every == 0
+        trainables.optimizer.zero_grad(set_to_none=True)
+        lr = recipes.set_learning_rate(trainables.optimizer, self.recipe, cur_nimg, self.total_nimg)
+        share = o.batch_gpu / o.batch_size
+        terms: dict = {}
+        for chunk in range(self.rank, o.batch_size // o.batch_gpu, o.num_gpus):
+            idx = indices[chunk * o.batch_gpu:(chunk + 1) * o.batch_gpu]
+            real_img = data.images[idx].to(self.device).to(torch.float32) / 127.5 - 1
+            c, ws = data.cameras[idx].to(self.device), data.latents[idx].to(self.device)
+            identity = data.training_set.identity[idx.numpy()]
+            if trainables.config is not None:
+                adapters.select(self.G, torch.from_numpy(identity))
+            torch.manual_seed(chunk_seed(self.random_seed, step, chunk))
+            total, chunk_terms, per_sample = self.loss_fn(self.G, real_img, c, ws, self.neural_rendering_resolution,
+                                                          regularize=regularize, reg_gain=o.density_reg_every)
+            (total * (share * K)).backward()
+            for name, value in [('total', total)] + list(chunk_terms.items()):
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
+            self.tick.add_samples(identity, per_sample)
+        if trainables.allocator is not None:  # AdaLoRA: orthogonality of P and Q, once per step over all processes.
+            orth = adapters.orthogonal_regularization(self.G) * trainables.config.orth_reg_weight  # mean over adapters
+            (orth * (K / o.num_gpus)).backward()
+            terms['orth'] = float(orth.detach()) / o.num_gpus
+            terms['total'] += float(orth.detach()) / o.num_gpus
+
+        nonfinite = all_reduce_gradients(trainables.params, o.num_gpus)
+        recipes.clip_gradients(trainables.params, self.recipe)
+        trainables.optimizer.step()
+        if trainables.allocator is not None:
+            trainables.allocator.update_and_mask(self.G, step)
+        self.tick.add_step(terms, nonfinite)
+        return lr
