@@ -37,6 +37,7 @@ import dnnlib
 import legacy
 from torch_utils import custom_ops
 from torch_utils import misc
+from training import adapter_ema
 from training import adapters
 from training import configs
 from training import recipe as recipes
@@ -338,6 +339,7 @@ def training_loop(
             raise RuntimeError('processes disagree on which parameters are trainable')
 
     optimizer = recipes.make_optimizer(G, trainable, recipe)
+    ema = adapter_ema.make_ema(trainable, recipe)  # with an EMA, validation and every file see the average
     log(f'Recipe {recipe.name}: {recipe.to_dict()}')
     allocator = adapters.RankAllocator(G, cfg_obj) if (cfg_obj is not None and cfg_obj.adalora) else None
 
@@ -371,6 +373,8 @@ def training_loop(
                                  f'run\'s --recipe') from err
             if allocator is not None and state.get('allocator') is not None:
                 allocator.load_state_dict(state['allocator'])
+            if ema is not None and state.get('ema') is not None:
+                ema.load_state_dict(state['ema'])
             log(f'Restored optimizer state from {state_path}')
             if keeper is not None and state.get('validation') is not None:
                 keeper.load_state_dict(state['validation'])
@@ -424,11 +428,12 @@ def training_loop(
         """Score the held-out views (rank 0; every process gets the scores) and keep the best files."""
         if val_set is None:
             return None
-        scores = [validation.score_views(G, val_set, loss_fn, neural_rendering_resolution, random_seed, device,
-                                         batch=batch_gpu) if rank == 0 else None]
-        if num_gpus > 1:
-            torch.distributed.broadcast_object_list(scores, src=0)
-        save_best(keeper.update(scores[0], cur_nimg, step))
+        with adapter_ema.applied(ema):
+            scores = [validation.score_views(G, val_set, loss_fn, neural_rendering_resolution, random_seed, device,
+                                             batch=batch_gpu) if rank == 0 else None]
+            if num_gpus > 1:
+                torch.distributed.broadcast_object_list(scores, src=0)
+            save_best(keeper.update(scores[0], cur_nimg, step))
         return scores[0]
 
     def save_snapshot() -> None:
@@ -437,10 +442,11 @@ def training_loop(
             misc.check_ddp_consistency(G, ignore_regex=r'.*\.[^.]+_(avg|ema)')
         if rank != 0:
             return
-        save_network(tag)
-        save_adapters(tag, list(identity_names))
+        with adapter_ema.applied(ema):
+            save_network(tag)
+            save_adapters(tag, list(identity_names))
         state = dict(cur_nimg=cur_nimg, step=step, random_seed=random_seed, optimizer=optimizer.state_dict(),
-                     recipe=recipe.to_dict(),
+                     recipe=recipe.to_dict(), ema=ema.state_dict() if ema is not None else None,
                      allocator=allocator.state_dict() if allocator is not None else None,
                      validation=keeper.state_dict() if keeper is not None else None)
         _atomic_torch_save(state, os.path.join(run_dir, f'training-state-{tag}.pt'))
@@ -526,6 +532,8 @@ def training_loop(
             allocator.update_and_mask(G, step)
         step += 1
         cur_nimg += batch_size
+        if ema is not None:
+            ema.update(cur_nimg, batch_size, total_nimg)
         bar.update(min(cur_nimg, total_nimg) - bar.n)
         for name, value in step_terms.items():
             acc = sums.setdefault(name, [0.0, 0])
