@@ -43,6 +43,8 @@ VARIANTS = {
     'adapter-nomomentum': dict(betas=(0.0, 0.99)),             # EG3D's betas
     'adapter-constant': dict(warmup=0.0, decay='constant'),    # no schedule
     'adapter-clip': dict(grad_clip=0.1),                       # gradient clipping
+    'adapter-noema': dict(ema_half_life=None, ema_rampup=None),  # the raw weights instead of their EMA
+    'adapter-v1': dict(lr=0.01, warmup=0.05, ema_half_life=None, ema_rampup=None),  # the first default (no EMA)
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }
@@ -63,9 +65,16 @@ def get_recipe(name: str) -> recipes.Recipe:
 
 
 def settings_hash(name: str, args: argparse.Namespace) -> str:
-    """Short hash of what a run depends on, so that finished runs are reused only when nothing changed."""
+    """Short hash of what a run depends on, so that finished runs are reused only when nothing changed.
+
+    Recipe fields at their defaults are left out, so a field added later (off by default) keeps the
+    finished runs of the other recipes, My3DGen's baseline among them, valid.
+    """
     import hashlib
-    key = json.dumps([get_recipe(name).to_dict(), args.batch, args.kimg, args.tick], sort_keys=True)
+    recipe = get_recipe(name)
+    changed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
+               if f.default is dataclasses.MISSING or getattr(recipe, f.name) != f.default}
+    key = json.dumps([changed, args.batch, args.kimg, args.tick], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 

@@ -81,8 +81,8 @@ RECIPES = {
     # My3DGen / EG3D: Adam(lr 0.0025, betas (0, 0.99), eps 1e-8), one group, constant rate, no clipping.
     'my3dgen': Recipe('my3dgen', lr=0.0025, betas=(0.0, 0.99)),
     # Measured by bench/recipe.py (docs/training.md, "Recipes").
-    'adapter': Recipe('adapter', lr=0.01, betas=(0.9, 0.99), warmup=0.05, decay='cosine', final_lr=0.0,
-                      b_lr_ratio=4.0, grad_clip=None),
+    'adapter': Recipe('adapter', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine', final_lr=0.0,
+                      b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5),
 }
 DEFAULT_RECIPE = 'adapter'
 

@@ -89,7 +89,8 @@ def test_files_hold_the_average_and_the_best_file_is_what_validation_scored(ema_
     from training.loss import PersonalizationLoss
     run, result = ema_run
     state = torch.load(run / 'training-state-000000.004.pt', weights_only=True)['ema']
-    G_last = adapters.load(legacy.load_network_pkl(identity8.base_pkl)['G'], str(run / 'adapter-000000.004.safetensors'))
+    base = legacy.load_network_pkl(identity8.base_pkl)['G']
+    G_last = adapters.load(base, str(run / 'adapter-000000.004.safetensors'))
     in_file = [p.detach() for p in adapters.trainable_parameters(G_last)]
     assert all(torch.equal(f, a) for f, a in zip(in_file, state['average']))   # the file holds the average
     assert any(not torch.equal(r, a) for r, a in zip(state['raw'], state['average']))  # which lags the weights
@@ -113,4 +114,5 @@ def test_resume_with_an_ema_equals_the_uninterrupted_run(ema_run, identity8, tmp
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     state_a = torch.load(run / 'training-state-000000.004.pt', weights_only=True)['ema']
     state_b = torch.load(resumed / 'training-state-000000.004.pt', weights_only=True)['ema']
-    assert all(torch.equal(x, y) for x, y in zip(state_a['raw'] + state_a['average'], state_b['raw'] + state_b['average']))
+    tensors_a, tensors_b = state_a['raw'] + state_a['average'], state_b['raw'] + state_b['average']
+    assert len(tensors_a) == len(tensors_b) > 0 and all(torch.equal(x, y) for x, y in zip(tensors_a, tensors_b))
