@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/recipe.py                         # default recipe vs my3dgen, 4 identities
     OMP_NUM_THREADS=1 python bench/recipe.py --recipes=my3dgen,adapter,adapter-b1 --identities=1
+    OMP_NUM_THREADS=1 python bench/recipe.py --budgets=1,0.2,0.1     # also the default in 20% and 10% of the images
 
 Each identity is made by `training/synthetic_identity.py` (its own tiny base, a rank-1 change of
 every conv weight, FFHQ-like cameras): `--views` training selfies and `--heldout` more at other
@@ -16,6 +17,11 @@ Per recipe (mean, and the spread over identities and seeds as min-max):
   - the largest drop below the running best after the first 10% of training (points of MSE closed).
 Writes results.json and curves.png (mean curve per recipe, min-max band) under --outdir; runs that
 already finished there are reused. Variants for ablations are named `adapter-<change>` (see VARIANTS).
+
+`--budgets` adds shorter runs of the other recipes, named `<recipe>@<fraction>`: the same recipe trained
+with `--kimg` times the fraction, each with its own full schedule and EMA (they are fractions of the run),
+validated as often per run (the tick scales too, at least one step). They are scored against My3DGen's best
+in the full run, so their speed-up is what a user gets by shortening `--kimg`.
 """
 
 import argparse
@@ -43,6 +49,8 @@ VARIANTS = {
     'adapter-nomomentum': dict(betas=(0.0, 0.99)),             # EG3D's betas
     'adapter-constant': dict(warmup=0.0, decay='constant'),    # no schedule
     'adapter-clip': dict(grad_clip=0.1),                       # gradient clipping
+    'adapter-noema': dict(ema_half_life=None, ema_rampup=None),  # the raw weights instead of their EMA
+    'adapter-v1': dict(lr=0.01, warmup=0.05, ema_half_life=None, ema_rampup=None),  # the first default (no EMA)
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }
@@ -62,10 +70,39 @@ def get_recipe(name: str) -> recipes.Recipe:
     raise SystemExit(f'unknown recipe {name!r}: {", ".join(list(recipes.RECIPES) + list(VARIANTS))}')
 
 
-def settings_hash(name: str, args: argparse.Namespace) -> str:
-    """Short hash of what a run depends on, so that finished runs are reused only when nothing changed."""
+def parse_budgets(text: str) -> list:
+    """Run lengths as fractions of --kimg, e.g. '1,0.2,0.1' -> [1.0, 0.2, 0.1]; 1 (the full run) comes first."""
+    try:
+        budgets = [float(b) for b in text.split(',') if b.strip()]
+    except ValueError:
+        raise SystemExit(f'--budgets={text!r}: expected comma-separated fractions of --kimg, e.g. 1,0.2,0.1')
+    bad = [b for b in budgets if not 0 < b <= 1]
+    if bad:
+        raise SystemExit(f'--budgets={text!r}: every fraction must be in (0, 1], got {bad}')
+    return list(dict.fromkeys([1.0] + budgets))
+
+
+def budget_run(kimg: float, tick: float, batch: int, budget: float) -> tuple:
+    """(kimg, tick) of a run `budget` times as long: as many validations per run, at least one step apart."""
+    if budget == 1.0:
+        return kimg, tick
+    step_kimg = batch / 1000
+    short_tick = max(round(tick * budget / step_kimg), 1) * step_kimg
+    return round(kimg * budget, 6), round(short_tick, 6)
+
+
+def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick: float = None) -> str:
+    """Short hash of what a run depends on, so that finished runs are reused only when nothing changed.
+
+    Recipe fields at their defaults are left out, so a field added later (off by default) keeps the
+    finished runs of the other recipes, My3DGen's baseline among them, valid.
+    """
     import hashlib
-    key = json.dumps([get_recipe(name).to_dict(), args.batch, args.kimg, args.tick], sort_keys=True)
+    recipe = get_recipe(name)
+    changed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
+               if f.default is dataclasses.MISSING or getattr(recipe, f.name) != f.default}
+    key = json.dumps([changed, args.batch, args.kimg if kimg is None else kimg, args.tick if tick is None else tick],
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
@@ -103,10 +140,14 @@ def closed_curve(stats_path: str):
     return nimg, 100 * (1 - mse / mse[0])
 
 
-def summarize(curves: dict, names: list, total: int) -> dict:
-    """Per recipe: speed-up to My3DGen's best, best/final quality, worst drop after 10%, with spreads."""
+def summarize(curves: dict, names: list, totals: dict) -> dict:
+    """Per recipe: speed-up to My3DGen's best, best/final quality, worst drop after 10%, with spreads.
+
+    `totals` gives each name's run length in images (short runs are scored against the full My3DGen run).
+    """
     out = {}
     for name in names:
+        total = totals[name]
         rows = []
         for key, (nimg, closed) in curves[name].items():
             ref_nimg, ref_closed = curves['my3dgen'][key]
@@ -129,6 +170,19 @@ def summarize(curves: dict, names: list, total: int) -> dict:
                             for m in ('best', 'final', 'worst_drop') for agg, fn in
                             (('mean', np.mean), ('min', np.min), ('max', np.max))})
     return out
+
+
+def print_per_identity(summary: dict, names: list, totals: dict) -> None:
+    """Per identity and run length: images to reach My3DGen's best in its full run (speed-up), best and final."""
+    print('\n| recipe | images in the run | identity | My3DGen\'s best (at images) | images to reach it (speed-up) | best | final |')
+    print('|---|---|---|---|---|---|---|')
+    for name in names:
+        if name == 'my3dgen':
+            continue
+        for r in summary[name]['runs']:
+            reach = 'not reached' if r['reach_images'] is None else f'{r["reach_images"]} ({r["speedup"]:.1f}x)'
+            print(f'| {name} | {totals[name]} | {r["identity"]} | {r["my3dgen_best"]:.1f} ({r["my3dgen_best_at"]}) | '
+                  f'{reach} | {r["best"]:.1f} | {r["final"]:.1f} |')
 
 
 def plot(curves: dict, names: list, path: str, width: int = 900, height: int = 520) -> None:
@@ -177,34 +231,43 @@ def main() -> None:
     parser.add_argument('--kimg', type=float, default=0.12, help='run length (every recipe gets the same)')
     parser.add_argument('--tick', type=float, default=0.008, help='validation interval in kimg')
     parser.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
+    parser.add_argument('--budgets', default='1', help='run lengths as fractions of --kimg, e.g. 1,0.2,0.1: '
+                        'every recipe but my3dgen is also run that much shorter (named <recipe>@<fraction>)')
     parser.add_argument('--outdir', default='bench-out/recipe')
     args = parser.parse_args()
 
-    names = list(dict.fromkeys(['my3dgen'] + [n for n in args.recipes.split(',') if n]))
-    for name in names:
+    recipe_names = list(dict.fromkeys(['my3dgen'] + [n for n in args.recipes.split(',') if n]))
+    for name in recipe_names:
         get_recipe(name)
+    budgets = parse_budgets(args.budgets)
+    runs = [(name, name, 1.0) for name in recipe_names]
+    runs += [(f'{name}@{budget:g}', name, budget) for budget in budgets[1:] for name in recipe_names if name != 'my3dgen']
+    names = [label for label, _, _ in runs]
     seeds = [int(s) for s in args.seeds.split(',')]
     jobs = []
     for k in range(args.identities):
         person = si.ensure_identity(os.path.join(args.outdir, f'identity-{k}'), seed=10 * k, views=args.views,
                                     heldout=args.heldout, strength=args.strength)
         for seed in seeds:
-            for name in names:
+            for label, name, budget in runs:
+                kimg, tick = budget_run(args.kimg, args.tick, args.batch, budget)
                 jobs.append(dict(train=person.train, heldout=person.heldout, base_pkl=person.base_pkl, recipe=name,
-                                 seed=seed, batch=args.batch, kimg=args.kimg, tick=args.tick, key=f'identity-{k}/seed-{seed}',
+                                 label=label, seed=seed, batch=args.batch, kimg=kimg, tick=tick,
+                                 key=f'identity-{k}/seed-{seed}',
                                  run_dir=os.path.join(args.outdir, 'runs', f'identity-{k}', f'seed-{seed}',
-                                                      f'{name}-{settings_hash(name, args)}')))
+                                                      f'{name}-{settings_hash(name, args, kimg, tick)}')))
     start = time.time()
     with multiprocessing.get_context('spawn').Pool(args.jobs) as pool:
         paths = pool.map(train_one, jobs, chunksize=1)
     curves = {name: {} for name in names}
     for job, path in zip(jobs, paths):
-        curves[job['recipe']][job['key']] = closed_curve(path)
-    total = int(round(args.kimg * 1000))
-    summary = summarize(curves, names, total)
+        curves[job['label']][job['key']] = closed_curve(path)
+    totals = {label: int(round(budget_run(args.kimg, args.tick, args.batch, budget)[0] * 1000)) for label, _, budget in runs}
+    total = totals['my3dgen']
+    summary = summarize(curves, names, totals)
     results = dict(args=vars(args), machine=f'{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}',
                    date=time.strftime('%Y-%m-%d'), wall_seconds=round(time.time() - start),
-                   recipes={n: get_recipe(n).to_dict() for n in names}, summary=summary,
+                   recipes={n: get_recipe(n).to_dict() for n in recipe_names}, summary=summary,
                    curves={n: {k: dict(nimg=c[0].tolist(), closed=c[1].round(3).tolist()) for k, c in curves[n].items()}
                            for n in names})
     with open(os.path.join(args.outdir, 'results.json'), 'w') as f:
@@ -221,6 +284,8 @@ def main() -> None:
         print(f'| {name} | {s["reached"]} | {speed} | {s["best_mean"]:.1f} [{s["best_min"]:.1f}, {s["best_max"]:.1f}] | '
               f'{s["final_mean"]:.1f} [{s["final_min"]:.1f}, {s["final_max"]:.1f}] | '
               f'{s["worst_drop_mean"]:.1f} [max {s["worst_drop_max"]:.1f}] |')
+    if len(budgets) > 1:
+        print_per_identity(summary, names, totals)
     print(f'\nwrote {os.path.join(args.outdir, "results.json")} and curves.png ({time.time() - start:.0f} s)')
 
 

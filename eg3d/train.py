@@ -119,7 +119,8 @@ def print_options(c: TrainingOptions) -> None:
         print(f'Identities:          {len(c.training_set_kwargs.identities)} (one adapter each)')
     print(f'Trainable:           {c.mode}')
     print(f'Recipe:              {c.recipe["name"]} (Adam lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
-          f'{c.recipe["decay"]} rate)')
+          f'{c.recipe["decay"]} rate' + (f', EMA half-life {c.recipe["ema_half_life"]:g} of the run'
+                                          if c.recipe.get('ema_half_life') else '') + ')')
     print()
 
 

@@ -32,6 +32,9 @@ class Recipe:
     final_lr: float = 1.0                # end of the cosine decay, as a fraction of lr
     b_lr_ratio: float = 1.0              # LoRA+: learning rate of the B factors / lr
     grad_clip: Optional[float] = None    # max global L2 norm of the trainable gradients; None = no clipping
+    ema_half_life: Optional[float] = None  # EMA of the trained tensors (training/adapter_ema.py): half-life as a
+                                           # fraction of the run's images; None = no EMA (files hold the raw weights)
+    ema_rampup: Optional[float] = None   # the EMA's half-life is at most this fraction of the images seen (EG3D's)
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +52,10 @@ class Recipe:
             problems.append(f'b_lr_ratio must be > 0, got {self.b_lr_ratio}')
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f'grad_clip must be > 0 or None, got {self.grad_clip}')
+        if self.ema_half_life is not None and not self.ema_half_life > 0:
+            problems.append(f'ema_half_life must be > 0 or None, got {self.ema_half_life}')
+        if self.ema_rampup is not None and not self.ema_rampup > 0:
+            problems.append(f'ema_rampup must be > 0 or None, got {self.ema_rampup}')
         if problems:
             raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
@@ -74,8 +81,8 @@ RECIPES = {
     # My3DGen / EG3D: Adam(lr 0.0025, betas (0, 0.99), eps 1e-8), one group, constant rate, no clipping.
     'my3dgen': Recipe('my3dgen', lr=0.0025, betas=(0.0, 0.99)),
     # Measured by bench/recipe.py (docs/training.md, "Recipes").
-    'adapter': Recipe('adapter', lr=0.01, betas=(0.9, 0.99), warmup=0.05, decay='cosine', final_lr=0.0,
-                      b_lr_ratio=4.0, grad_clip=None),
+    'adapter': Recipe('adapter', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine', final_lr=0.0,
+                      b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5),
 }
 DEFAULT_RECIPE = 'adapter'
 

@@ -4,7 +4,7 @@ At every snapshot (rank 0 writes; all processes call, for the consistency check)
 
     network-snapshot-<tag>.pkl      G (base + adapters), loadable by official EG3D code
     adapter-<tag>.safetensors       (K identities: adapters/<name>-<tag>.safetensors)
-    training-state-<tag>.pt         counters, optimizer, allocator, best-so-far: a continued run reads it
+    training-state-<tag>.pt         counters, optimizer, EMA, allocator, best-so-far: a continued run reads it
     grid-<tag>.png
 
 At every validation, the keys (the run, each identity) whose held-out score improved get their best
@@ -22,6 +22,7 @@ import torch
 import dnnlib
 import legacy
 from torch_utils import misc
+from training import adapter_ema
 from training import adapters
 from training import recipe as recipes
 from training import validation
@@ -123,6 +124,8 @@ class Snapshots:
                              f'run\'s --recipe') from err
         if self.trainables.allocator is not None and state.get('allocator') is not None:
             self.trainables.allocator.load_state_dict(state['allocator'])
+        if self.trainables.ema is not None and state.get('ema') is not None:
+            self.trainables.ema.load_state_dict(state['ema'])
         self.log(f'Restored optimizer state from {state_path}')
         if self.keeper is not None and state.get('validation') is not None:
             self.keeper.load_state_dict(state['validation'])
@@ -143,12 +146,14 @@ class Snapshots:
         if self.data.val_set is None:
             return None
         o = self.options
-        scores = [validation.score_views(self.G, self.data.val_set, self.loss_fn, self.neural_rendering_resolution,
-                                         self.start.random_seed, self.device, batch=o.batch_gpu)
-                  if self.rank == 0 else None]
-        if o.num_gpus > 1:
-            torch.distributed.broadcast_object_list(scores, src=0)
-        self._save_best(self.keeper.update(scores[0], cur_nimg, step), cur_nimg, step)
+        with adapter_ema.applied(self.trainables.ema):
+            scores = [validation.score_views(self.G, self.data.val_set, self.loss_fn,
+                                             self.neural_rendering_resolution, self.start.random_seed, self.device,
+                                             batch=o.batch_gpu)
+                      if self.rank == 0 else None]
+            if o.num_gpus > 1:
+                torch.distributed.broadcast_object_list(scores, src=0)
+            self._save_best(self.keeper.update(scores[0], cur_nimg, step), cur_nimg, step)
         return scores[0]
 
     def save_snapshot(self, cur_nimg: int, step: int) -> None:
@@ -158,11 +163,13 @@ class Snapshots:
             misc.check_ddp_consistency(self.G, ignore_regex=r'.*\.[^.]+_(avg|ema)')
         if self.rank != 0:
             return
-        self._save_network(tag, cur_nimg, step)
-        self._save_adapters(tag, self.data.identity_names)
-        allocator = self.trainables.allocator
+        with adapter_ema.applied(self.trainables.ema):
+            self._save_network(tag, cur_nimg, step)
+            self._save_adapters(tag, self.data.identity_names)
+        allocator, ema = self.trainables.allocator, self.trainables.ema
         state = dict(cur_nimg=cur_nimg, step=step, random_seed=self.start.random_seed,
                      optimizer=self.trainables.optimizer.state_dict(), recipe=self.recipe.to_dict(),
+                     ema=ema.state_dict() if ema is not None else None,
                      allocator=allocator.state_dict() if allocator is not None else None,
                      validation=self.keeper.state_dict() if self.keeper is not None else None)
         with dnnlib.util.atomic_write_path(os.path.join(self.run_dir, f'training-state-{tag}.pt')) as tmp:

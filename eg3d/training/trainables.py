@@ -1,5 +1,6 @@
 """What a run trains: adapters injected into the frozen base (or the whole generator), their optimizer
-from the recipe, and AdaLoRA's rank allocator.
+from the recipe, its EMA of the trained tensors (when the recipe keeps one), and AdaLoRA's rank
+allocator.
 
 Every process builds the same: rank 0's weights are broadcast, and the processes must agree on which
 parameters train.
@@ -11,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from torch_utils import misc
+from training import adapter_ema
 from training import adapters
 from training import recipe as recipes
 from training.adapters.inject import adapter_layers
@@ -23,6 +25,7 @@ class Trainables:
     params: List[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     allocator: Optional[adapters.RankAllocator]  # AdaLoRA only
+    ema: Optional[adapter_ema.AdapterEMA]  # with an EMA, validation and every file see the average
 
 
 def set_full_finetuning(G: torch.nn.Module, freeze_render: bool) -> list:
@@ -85,4 +88,5 @@ def build_trainables(G: torch.nn.Module, adapter_config: Optional[dict], freeze_
     optimizer = recipes.make_optimizer(G, params, recipe)
     log(f'Recipe {recipe.name}: {recipe.to_dict()}')
     allocator = adapters.RankAllocator(G, config) if (config is not None and config.adalora) else None
-    return Trainables(config=config, params=params, optimizer=optimizer, allocator=allocator)
+    ema = adapter_ema.make_ema(params, recipe)
+    return Trainables(config=config, params=params, optimizer=optimizer, allocator=allocator, ema=ema)

@@ -104,6 +104,8 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
         log.op_fallbacks()
         step += 1
         cur_nimg += o.batch_size
+        if trainables.ema is not None:
+            trainables.ema.update(cur_nimg, o.batch_size, total_nimg)
         bar.update(min(cur_nimg, total_nimg) - bar.n)
 
         # Tick: report, and every `network_snapshot_ticks` ticks a snapshot.

@@ -65,6 +65,7 @@ def test_clipping_bounds_the_global_gradient_norm():
 @pytest.mark.parametrize('changes, message', [
     (dict(lr=0), 'lr must be > 0'), (dict(betas=(1.0, 0.99)), 'betas'), (dict(warmup=1.5), 'warmup'),
     (dict(decay='step'), 'decay'), (dict(b_lr_ratio=0), 'b_lr_ratio'), (dict(grad_clip=-1.0), 'grad_clip'),
+    (dict(ema_half_life=0.0), 'ema_half_life'), (dict(ema_rampup=-0.5), 'ema_rampup'),
 ])
 def test_bad_recipes_are_refused_with_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,43 @@
+"""bench/recipe.py: shorter runs (--budgets) keep the full runs' cache and are scored against My3DGen's full run."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'bench'))
+
+import recipe as bench_recipe  # noqa: E402
+
+
+def test_budgets_put_the_full_run_first_and_reject_bad_fractions():
+    assert bench_recipe.parse_budgets('0.2,1,0.1,0.2') == [1.0, 0.2, 0.1]
+    for text in ('0,0.2', '1.5', 'a,0.2'):
+        with pytest.raises(SystemExit, match='--budgets'):
+            bench_recipe.parse_budgets(text)
+
+
+def test_a_short_run_has_its_own_length_and_tick_and_the_full_run_keeps_its_cache_key():
+    assert bench_recipe.budget_run(0.12, 0.008, 2, 1.0) == (0.12, 0.008)
+    assert bench_recipe.budget_run(0.12, 0.008, 2, 0.2) == (0.024, 0.002)  # 24 images, validated every step
+    assert bench_recipe.budget_run(0.4, 0.05, 4, 0.5) == (0.2, 0.024)       # 25 images per tick -> 6 steps
+    args = argparse.Namespace(batch=2, kimg=0.12, tick=0.008)
+    full = bench_recipe.settings_hash('adapter', args)
+    assert bench_recipe.settings_hash('adapter', args, 0.12, 0.008) == full
+    assert bench_recipe.settings_hash('adapter', args, 0.024, 0.002) != full
+
+
+def test_a_short_run_is_scored_against_my3dgens_best_in_the_full_run():
+    full_nimg = np.arange(0, 121, 8)
+    my3dgen = np.minimum(full_nimg, 90.0)  # best 90 at image 96
+    short_nimg = np.arange(0, 25, 2)
+    curves = {'my3dgen': {'a': (full_nimg, my3dgen), 'b': (full_nimg, my3dgen)},
+              'adapter@0.2': {'a': (short_nimg, np.where(short_nimg >= 16, 91.0, 50.0)),
+                              'b': (short_nimg, np.full(len(short_nimg), 89.0))}}
+    summary = bench_recipe.summarize(curves, ['my3dgen', 'adapter@0.2'], {'my3dgen': 120, 'adapter@0.2': 24})
+    reached, missed = summary['adapter@0.2']['runs']
+    assert (reached['my3dgen_best'], reached['my3dgen_best_at']) == (90.0, 96)
+    assert (reached['reach_images'], reached['speedup']) == (16, 6.0)
+    assert (missed['reach_images'], missed['speedup']) == (None, None)
+    assert summary['adapter@0.2']['reached'] == '1/2'
