@@ -3,11 +3,13 @@ import shutil
 
 import numpy as np
 import PIL.Image
+import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import train_encoder
 from training import synthetic_identity as si
+from training.encoder.training_loop import training_loop
 
 FAST = ['--batch=1', '--iters=2', '--lpips=none', '--nrr=16', '--replay=1', '--device=cpu', '--progress=False']
 
@@ -89,3 +91,10 @@ def test_latent_only_refuses_photos_without_latents(tiny_identity, tmp_path):
     assert result.exit_code == 1
     assert '--latent-only' in result.output and 'image_N_latent.npy' in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_an_unknown_training_option_is_an_error(tmp_path):
+    """A misspelt option fails before any work (it was silently dropped), as train.py's options do."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kimg'"):
+        training_loop(run_dir=str(tmp_path), network_pkl='never-read.pkl', kimg=1, device='cpu')
+    assert not (tmp_path / 'log.txt').exists()

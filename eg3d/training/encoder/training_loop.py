@@ -84,7 +84,6 @@ def training_loop(
     local_rank: int = 0,
     device: str = 'cuda',
     progress_bar: bool = True,
-    **_ignored,
 ) -> dict:
     start_time = time.time()
     device = torch.device('cuda', local_rank) if device == 'cuda' else torch.device('cpu')
