@@ -84,6 +84,26 @@ def save_image_grid(G: torch.nn.Module, images: torch.Tensor, cameras: torch.Ten
     G.train(was_training)
 
 
+
+def read_training_state(resume_pkl: str, start: StartingPoint, device: torch.device) -> Optional[dict]:
+    """The training state written beside the snapshot a continued run starts from (None if it is missing)."""
+    state_path = training_state_path(resume_pkl, int(start.progress['cur_nimg']))
+    if not os.path.isfile(state_path):
+        return None
+    return torch.load(state_path, map_location=device, weights_only=True)
+
+
+def continued_recipe(requested: recipes.Recipe, state: Optional[dict], log: RunLog) -> recipes.Recipe:
+    """A continued run keeps the recipe its training state recorded: its schedule and EMA are part of the run,
+    and the default recipe may have changed since it was written."""
+    if state is None or state.get('recipe') is None:
+        return requested
+    recorded = recipes.Recipe.from_dict(state['recipe'])
+    if recorded != requested:
+        log(f'Continuing with the run\'s recipe {recorded.to_dict()}, not the requested {requested.to_dict()}.')
+    return recorded
+
+
 class Snapshots:
     """The run's files, at the point (`cur_nimg` images, `step` steps) the loop has reached."""
 
@@ -105,17 +125,16 @@ class Snapshots:
                           data.latents[grid_idx].to(device))
         self.grid_kwargs = dict(seed=start.random_seed, identity=data.training_set.identity[grid_idx.numpy()])
 
-    def restore_training_state(self) -> Tuple[int, int]:
-        """Optimizer, rank allocator and best-so-far state (and its files) of the run we continue; returns its
-        counters (cur_nimg, step)."""
+    def restore_training_state(self, state: Optional[dict]) -> Tuple[int, int]:
+        """Optimizer, EMA, rank allocator and best-so-far state (and its files) of the run we continue, from its
+        training state (`read_training_state`; None: it was missing); returns its counters (cur_nimg, step)."""
         progress = self.start.progress
         cur_nimg, step = int(progress['cur_nimg']), int(progress['step'])
         state_path = training_state_path(self.options.resume_pkl, cur_nimg)
-        if not os.path.isfile(state_path):
+        if state is None:
             self.log(f'Warning: {state_path} not found; the optimizer starts afresh (the run will not match an '
                      f'uninterrupted one).')
             return cur_nimg, step
-        state = torch.load(state_path, map_location=self.device, weights_only=True)
         try:
             self.trainables.optimizer.load_state_dict(state['optimizer'])
         except ValueError as err:  # LoRA+ recipes have two parameter groups, the others one

@@ -29,7 +29,7 @@ from training import validation
 from training.options import TrainingOptions
 from training.run_data import load_run_data
 from training.run_log import RunLog
-from training.snapshots import Snapshots, kimg_tag
+from training.snapshots import Snapshots, continued_recipe, kimg_tag, read_training_state
 from training.starting_point import load_starting_point, rebuild_generator
 from training.tick_stats import StatsWriter, TickStats
 from training.train_step import TrainingStep, chunk_seed, make_loss
@@ -66,6 +66,8 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     # Load or resume; the data; what trains; the loss. (This order fixes the RNG draws of a run.)
     start = load_starting_point(o, log)
     G = start.G
+    state = read_training_state(o.resume_pkl, start, device) if start.continuing else None
+    recipe = continued_recipe(recipe, state, log)
     data = load_run_data(o, start, log)
     trainables = build_trainables(G, start.adapter_config, start.freeze_render, data.num_identities, recipe,
                                   o.resume_pkl, data.training_set.path, device, o.num_gpus, log)
@@ -74,7 +76,7 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     loss_fn = make_loss(o.loss_kwargs, device)
     snapshots = Snapshots(G, start, data, trainables, loss_fn, recipe, o, neural_rendering_resolution, rank, device,
                           log)
-    cur_nimg, step = snapshots.restore_training_state() if start.continuing else (0, 0)
+    cur_nimg, step = snapshots.restore_training_state(state) if start.continuing else (0, 0)
 
     snapshots.save_start_grid(cur_nimg)
     stats_writer = StatsWriter(o.run_dir, rank)

@@ -1,6 +1,7 @@
 """Training loop: resume equals the uninterrupted run, full fine-tuning, generator rebuild, file tags."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -250,8 +251,26 @@ def test_early_stop_ends_the_run_and_heldout_views_are_never_trained_on(identity
     assert views.images[0].tobytes() not in seen
 
 
-def test_resuming_with_a_recipe_of_another_optimizer_layout_is_a_clear_error(oscillating, identity8, tmp_path):
+def test_a_continued_run_keeps_the_recipe_its_training_state_recorded(oscillating, identity8, tmp_path):
+    """Another --recipe (or a changed default) does not change a continued run's schedule: the recorded one is used."""
     lora_plus = dict(name='lora-plus', lr=0.01, betas=[0.9, 0.99], b_lr_ratio=4.0)
-    with pytest.raises(ValueError, match="the run used the recipe 'unstable'.*--recipe=lora-plus"):
-        _run_validated(tmp_path, identity8, resume_pkl=str(oscillating / 'network-snapshot-000000.003.pkl'),
+    _run_validated(tmp_path, identity8, resume_pkl=str(oscillating / 'network-snapshot-000000.003.pkl'),
+                   adapter_config=None, recipe=lora_plus)
+    assert "Continuing with the run's recipe {'name': 'unstable'" in open(tmp_path / 'log.txt').read()
+    state = torch.load(tmp_path / 'training-state-000000.005.pt', weights_only=True)
+    assert state['recipe']['name'] == 'unstable' and state['recipe']['lr'] == 0.03
+
+
+def test_resuming_a_state_without_a_recipe_with_another_optimizer_layout_is_a_clear_error(oscillating, identity8,
+                                                                                          tmp_path):
+    """Training states from before recipes were recorded: a LoRA+ recipe cannot take their one-group Adam state."""
+    old_run = tmp_path / 'old-run'
+    shutil.copytree(oscillating, old_run)
+    state_path = old_run / 'training-state-000000.003.pt'
+    state = torch.load(state_path, weights_only=True)
+    del state['recipe']
+    torch.save(state, state_path)
+    lora_plus = dict(name='lora-plus', lr=0.01, betas=[0.9, 0.99], b_lr_ratio=4.0)
+    with pytest.raises(ValueError, match="the run used the recipe 'my3dgen'.*--recipe=lora-plus"):
+        _run_validated(tmp_path / 'run', identity8, resume_pkl=str(old_run / 'network-snapshot-000000.003.pkl'),
                        adapter_config=None, recipe=lora_plus)
