@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 import legacy
 from training import adapter_ema
 from training import recipe as recipes
-from training import synthetic_identity as si
 from training import training_loop as tl
 
 EMA_RECIPE = recipes.Recipe('ema', lr=0.01, betas=(0.9, 0.99), ema_half_life=0.25, ema_rampup=0.5)
@@ -56,12 +55,6 @@ def test_state_restores_the_raw_weights_and_the_average_and_refuses_another_layo
     with pytest.raises(ValueError, match='the saved EMA holds 1 tensors, this run trains 2'):
         other.load_state_dict(state)
     assert adapter_ema.make_ema([p], recipes.get_recipe('my3dgen')) is None
-
-
-@pytest.fixture(scope='module')
-def identity8(tmp_path_factory):
-    return si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'synthetic-identity-8'), views=8, heldout=0,
-                              strength=0.3)
 
 
 def _run(run_dir, identity8, resume_pkl=None, **overrides):

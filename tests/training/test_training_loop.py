@@ -157,13 +157,6 @@ UNSTABLE = dict(name='unstable', lr=0.03, betas=[0, 0.99])
 LORA1 = dict(r=1, alpha=1.0)
 
 
-@pytest.fixture(scope='module')
-def identity8(tmp_path_factory):
-    """Eight views of a synthetic person: one is held out by the default --val-views."""
-    return si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'synthetic-identity-8'), views=8, heldout=0,
-                              strength=0.3)
-
-
 def _run_validated(run_dir, identity8, **overrides):
     return _run(run_dir, identity8, **dict(dict(adapter_config=LORA1, recipe=UNSTABLE, batch_size=1, kimg_per_tick=0.001,
                                                 total_kimg=0.005, loss_kwargs=dict(lpips_net='none')), **overrides))
