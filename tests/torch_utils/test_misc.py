@@ -33,6 +33,7 @@ def test_suppress_tracer_warnings_filter_is_scoped():
         assert warnings.filters[0][2] is torch.jit.TracerWarning
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn('x', torch.jit.TracerWarning)
+        assert caught == []  # suppressed inside the context
     assert warnings.filters == before
 
 

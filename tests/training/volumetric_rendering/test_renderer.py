@@ -187,7 +187,7 @@ def test_renderer_rng_calls_in_documented_order():
     # Replay: exactly rand [B, M, D, 1] then rand [B*M, Di], nothing else.
     torch.manual_seed(11)
     jitter = torch.rand(B, M, D, 1)
-    u = torch.rand(B * M, Di)
+    torch.rand(B * M, Di)  # the importance draw: consumed, its values are not needed here
     assert torch.equal(torch.get_rng_state(), state_after)
 
     # The first draw is the jitter of the coarse depths: t_k + u * delta.
