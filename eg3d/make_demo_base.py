@@ -35,6 +35,7 @@ faces need many more steps (an estimated several thousand, i.e. hours here). An 
 times faster per step.
 """
 
+import hashlib
 import os
 import time
 from typing import Dict, Optional, Tuple
@@ -118,6 +119,17 @@ def load_state(path: str, options: dict) -> Optional[dict]:
     return state
 
 
+def describe_file(path: str) -> str:
+    """The file's name and content hash: recorded instead of its path, which names the machine it was built on."""
+    if not os.path.isfile(path):
+        return os.path.basename(path)  # initialise_from reports it missing
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return f'{os.path.basename(path)} sha256:{digest.hexdigest()[:16]}'
+
+
 def initialise_from(path: str, G: torch.nn.Module) -> Tuple[int, float]:
     """Copy the G_ema weights of the base pickle at `path` into G; returns its (steps, seconds) of training."""
     if not os.path.isfile(path):
@@ -192,7 +204,7 @@ def main(out, state, preview, steps, minutes, batch, lr, depth_weight, face_weig
     if face_weight:
         options['face_weight'] = face_weight  # only when set: checkpoints made before the option still resume
     if init_pkl:
-        options['init'] = os.path.abspath(init_pkl)
+        options['init'] = describe_file(init_pkl)
     G = si.build_tiny_generator(seed).train().requires_grad_(True)
     opt = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.9, 0.99))
     start, seconds = 0, 0.0

@@ -76,6 +76,7 @@ def test_training_starts_from_a_pickle_with_fresh_adam(tmp_path):
     assert state['step'] == steps  # the step count goes on from the pickle's (--minutes=0: no step taken)
     committed = legacy.load_network_pkl(str(COMMITTED_BASE))['G_ema'].state_dict()
     assert all(torch.equal(state['G'][k], v) for k, v in committed.items())
+    assert state['options']['init'].startswith('demo-heads.pkl sha256:')  # no path of this machine in the record
 
     missing = run_cli(tmp_path, f'--init={tmp_path / "nothing.pkl"}', f'--state={tmp_path / "other.pt"}')
     assert missing.returncode != 0 and 'nothing.pkl does not exist' in missing.stderr
