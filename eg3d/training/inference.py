@@ -262,7 +262,9 @@ def num_ws(G: torch.nn.Module) -> int:
 def camera_label(G: torch.nn.Module, yaw: float = 0.0, pitch: float = 0.0, fov_deg: float = DEFAULT_FOV_DEG,
                  device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """Label [1, 25] of a camera on G's average orbit (radius, pivot from rendering_kwargs), yaw/pitch in radians
-    relative to the frontal view."""
+    relative to the frontal view, as EG3D's LookAtPoseSampler at (pi/2 + yaw, pi/2 + pitch): yaw > 0 puts the camera
+    at world +x (the face's left), pitch > 0 BELOW the face (world -y). `camera_utils.label_from_yaw_pitch`, used by
+    photo preparation, has pitch > 0 above it and looks at the origin."""
     from camera_utils import FOV_to_intrinsics, LookAtPoseSampler
     device = device if device is not None else next(G.parameters()).device
     rk = G.rendering_kwargs
