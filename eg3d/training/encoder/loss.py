@@ -8,6 +8,11 @@
   mirror   the mirrored photo with its mirrored camera must invert consistently: one iteration from
            w_avg on (flip(photo), mirror(c)), rendered from mirror(c) and flipped back, must match the
            photo (pixel mean squared error); once per batch, after the first iteration
+  converged E(photo ++ photo, c)^2 (element mean): where the render already is the photo, the residual
+           is zero; once per batch. Early in training every iteration's input is near w_avg, so the
+           encoder never sees a render that is already right; without this term a briefly trained one
+           kept a residual there (in the direction of its first correction), which iterations 2..
+           added again and again (they overshot)
 
 Each iteration's terms are backpropagated right away (`backward_scale` times their sum), so only one
 iteration's graph through G is alive at a time.
@@ -30,6 +35,7 @@ class LossWeights:
     id: float = 0.1
     latent: float = 1.0
     mirror: float = 0.5
+    converged: float = 1.0
 
 
 def latent_loss(ws: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -46,6 +52,11 @@ def mirrored_loss(encoder: torch.nn.Module, render: restyle.RenderFn, photo: tor
         start_image = render(w_start, c_mirror)
     ws = w_start + encoder(photo_mirror, start_image, c_mirror)
     return (render(ws, c_mirror).flip(3) - photo).square().mean(dim=[1, 2, 3])
+
+
+def converged_loss(encoder: torch.nn.Module, photo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-sample [N] mean squared residual the encoder predicts when the current render is the photo itself."""
+    return encoder(photo, photo, c).square().mean(dim=[1, 2])
 
 
 class EncoderLoss:
@@ -90,6 +101,8 @@ class EncoderLoss:
             terms['latent'] = latent_loss(it.ws, batch.ws, batch.has_ws)
             if i == 1 and self.weights.mirror > 0:
                 terms['mirror'] = mirrored_loss(encoder, render, batch.images, batch.cameras, w_start)
+            if i == 1 and self.weights.converged > 0:
+                terms['converged'] = converged_loss(encoder, batch.images, batch.cameras)
             total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items()
                         if value.requires_grad)
             if torch.is_tensor(total):

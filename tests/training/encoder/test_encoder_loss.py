@@ -7,7 +7,7 @@ from encoder_testlib import NUM_WS, W_DIM, fake_render, tiny_encoder
 from training.dataset import mirror_camera
 from training.encoder import start_latent
 from training.encoder.data import Batch, mirror_cameras, sample_cameras
-from training.encoder.loss import EncoderLoss, LossWeights, latent_loss, mirrored_loss
+from training.encoder.loss import EncoderLoss, LossWeights, converged_loss, latent_loss, mirrored_loss
 from training.synthetic_identity import build_tiny_generator
 
 
@@ -69,13 +69,37 @@ def test_latent_loss_only_where_the_latent_is_known():
     assert torch.allclose(loss[2], (ws[2] - target[2]).square().mean())
 
 
+def test_converged_loss_is_the_residual_predicted_when_the_render_is_the_photo():
+    photo, c = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 25)
+    residual = torch.randn(1, NUM_WS, W_DIM)
+    encoder = RecordingEncoder(residual)
+    loss = converged_loss(encoder, photo, c)
+    assert torch.allclose(loss, residual.square().mean().expand(2))
+    given_photo, given_render, given_c = encoder.calls[0]
+    assert torch.equal(given_photo, photo) and torch.equal(given_render, photo) and torch.equal(given_c, c)
+    assert float(converged_loss(RecordingEncoder(torch.zeros(1, NUM_WS, W_DIM)), photo, c).max()) == 0
+
+
+def test_converged_term_teaches_the_encoder_to_stop_at_the_photo():
+    """A few Adam steps on the term shrink the residual an encoder adds when its render is already right."""
+    encoder = tiny_encoder()
+    photo, c = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 25)
+    before = float(converged_loss(encoder, photo, c).mean())
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        converged_loss(encoder, photo, c).mean().backward()
+        optimizer.step()
+    assert float(converged_loss(encoder, photo, c).mean()) < 0.1 * before
+
+
 def test_encoder_loss_runs_every_iteration_and_reports_each_term():
     encoder = tiny_encoder()
     photo, c = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 25)
     batch = Batch(photo, c, torch.randn(2, NUM_WS, W_DIM), torch.tensor([True, False]))
     terms, states = EncoderLoss(LossWeights())(encoder, fake_render, batch, start_latent(torch.zeros(NUM_WS, W_DIM), 2),
                                                iters=3)
-    assert set(terms) == {'image', 'latent', 'mirror'}  # no LPIPS network, no face embedding: skipped
+    assert set(terms) == {'image', 'latent', 'mirror', 'converged'}  # no LPIPS network, no face embedding
     assert len(states) == 4
     assert encoder.heads[0].linear.weight.grad.abs().sum() > 0
 
