@@ -1,15 +1,16 @@
 """Benchmark of the camera-aware encoder (docs/encoder.md) on the demo base, on CPU.
 
-    .venv/bin/python bench/encoder.py --kimg 0.128 --replay 48 --lr 3e-4 --threads 1
-    .venv/bin/python bench/encoder.py --encoder RUN/encoder-000000.064.safetensors --project 1   # evaluate only
+    .venv/bin/python bench/encoder.py --kimg 0.4 --replay 48 --lr 5e-4 --threads 2
+    .venv/bin/python bench/encoder.py --encoder RUN/encoder-000000.400.safetensors --project 1   # evaluate only
     .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --batch-gpu 4 --device cuda    # on a GPU
 
-1. Train an encoder for the demo base (eg3d/demo.py's tiny generator, seed 0) with the training loop of
-   train_encoder.py on the generator's own samples, for the stated budget (kimg, replay updates; the wall
-   and CPU time are printed; an encoder file every --snap ticks), or load a trained one (--encoder).
+1. Train an encoder for the demo base (networks/demo-heads.pkl, the tiny EG3D that renders the procedural
+   head family; --base) with the training loop of train_encoder.py on the generator's own samples, for the
+   stated budget (kimg, replay updates; the wall and CPU time are printed; an encoder file every --snap
+   ticks), or load a trained one (--encoder).
 2. Evaluate on held-out samples of the base (seeds never used in training) and on the held-out views of
-   the demo's personalized identity (base + its rank-1 change, rendered as eg3d/demo.py does; inverted
-   with the base):
+   the demo's person (a head outside the family, drawn by the family's exact renderer as eg3d/demo.py
+   writes datasets/demo-heldout/; inverted with the base):
    - image MSE of w_avg vs the encoder after each ReStyle iteration 1..iters;
    - for the first `--project` images of each set: encoder + 50 projector steps vs 200 steps from w_avg
      (projector.project, W+, no LPIPS), final MSE and wall time.
@@ -29,10 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eg3d'))
 
-import demo  # noqa: E402  (the demo identity's recipe)
+import demo  # noqa: E402  (the demo base and person)
 import projector  # noqa: E402
 from train_encoder import LATENT_ONLY  # noqa: E402
-from training import synthetic_identity as si  # noqa: E402
 from training import encoder as encoders  # noqa: E402
 from training.encoder import EncoderConfig, W3DEncoder, encode  # noqa: E402
 from training.encoder.data import generator_batch  # noqa: E402
@@ -40,6 +40,11 @@ from training.encoder.training_loop import training_loop  # noqa: E402
 
 NRR = demo.NEURAL_RENDERING_RESOLUTION
 HELDOUT_SEED = 10**9  # generator samples of the evaluation: a seed the training batches never use
+# The demo base learnt G(z, camera) at psi 1 by regression (make_demo_base.py): its mapping's w_avg buffer was
+# never tracked (it lies ~4x the latents' spread away from their mean), so truncating towards it would leave
+# the latents the base knows. Training and held-out samples are drawn at psi 1, as the base was trained.
+PSI_RANGE = (1.0, 1.0)
+DEFAULT_BASE = Path(__file__).resolve().parent.parent / 'networks' / 'demo-heads.pkl'
 
 
 def cpu_seconds() -> float:
@@ -47,14 +52,13 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-def demo_identity_heldout(G_base: torch.nn.Module, seed: int = 0, views: int = 50, heldout: int = 8,
-                          strength: float = 1.0):
-    """(images [H, 3, R, R] in [-1, 1], cameras [H, 25]) of the demo's held-out views, rendered as demo.py does."""
-    G_person = si.apply_low_rank_change(G_base, seed=seed + 1, rank=1, strength=strength)
-    labels = demo.camera_labels(G_base, demo.heldout_poses(heldout))
-    latents = si.identity_latents(G_base, views + heldout, seed=seed + 3)[views:]
-    images = si.render_views(G_person, labels, latents, seed=seed + 4 + views, neural_rendering_resolution=NRR)
-    return torch.from_numpy(images).float() / 127.5 - 1, torch.from_numpy(labels)
+def demo_identity_heldout(G_base: torch.nn.Module, heldout: int = 8):
+    """(images [H, 3, R, R] in [-1, 1], cameras [H, 25]) of the demo person's held-out views: the exact renderer's
+    images, quantized to 8 bits as demo.py writes them to datasets/demo-heldout/."""
+    labels = torch.from_numpy(demo.camera_labels(G_base, demo.heldout_poses(heldout)))
+    images = demo.render_person(demo.person_params(), labels, G_base.img_resolution)['image']
+    pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return pixels.float() / 127.5 - 1, labels
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,8 @@ def train(args: argparse.Namespace, base_pkl: str, outdir: str):
     result = training_loop(run_dir=outdir, network_pkl=base_pkl, total_kimg=args.kimg,
                            kimg_per_tick=2 * args.batch / 1000, snapshot_ticks=args.snap, batch_size=args.batch,
                            batch_gpu=args.batch_gpu, iters=args.iters, lr=args.lr, lpips_net='none',
-                           loss_weights=weights, neural_rendering_resolution=NRR, replay=args.replay,
+                           loss_weights=weights, psi_range=PSI_RANGE, neural_rendering_resolution=NRR,
+                           replay=args.replay,
                            replay_size=args.replay_size, device=args.device, progress_bar=False)
     train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
     print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
@@ -128,27 +133,26 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--snap', type=int, default=25, help='encoder file every SNAP ticks of 2 steps')
+    parser.add_argument('--base', default=str(DEFAULT_BASE), help='the demo base pickle')
     parser.add_argument('--encoder', default=None, help='evaluate this encoder file of the demo base (no training)')
     parser.add_argument('--outdir', default=None, help='keep the run here (default: a temp folder)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    G = si.build_tiny_generator(0)
+    G, _ = demo.load_base(Path(args.base))
     outdir = args.outdir or tempfile.mkdtemp(prefix='bench-encoder-')
     os.makedirs(outdir, exist_ok=True)
-    base_pkl = os.path.join(outdir, 'demo-base.pkl')
-    si.save_generator_pkl(G, base_pkl)
 
     if args.encoder:
         encoder, w_avg, info = encoders.load(args.encoder, G, device)
         print(f'Evaluating {args.encoder} (trained {info.get("step")} steps of batch {info.get("batch_size")})')
     else:
-        encoder, w_avg = train(args, base_pkl, outdir)
+        encoder, w_avg = train(args, args.base, outdir)
 
     identity_images, identity_cameras = demo_identity_heldout(G)
     G = G.to(device)
-    base = generator_batch(G, args.heldout, HELDOUT_SEED, (0.4, 1.0), NRR)
+    base = generator_batch(G, args.heldout, HELDOUT_SEED, PSI_RANGE, NRR)
     sets = {'base samples': (base.images, base.cameras),
             'demo identity (held-out views)': (identity_images.to(device), identity_cameras.to(device))}
 

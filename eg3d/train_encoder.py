@@ -18,7 +18,7 @@ from training.encoder import files
 from training.encoder.data import FolderSet
 from training.encoder.training_loop import training_loop
 
-LATENT_ONLY = dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)  # loss.LossWeights fields
+LATENT_ONLY = dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0, converged=1.0)  # loss.LossWeights fields
 
 
 def _init_process(c: dnnlib.EasyDict, local_rank: int, local_world_size: int) -> None:
@@ -99,7 +99,8 @@ def parse_folders(value) -> list:
 @click.option('--id_model', '--id-model', 'id_model', metavar='PTH',
               help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
 @click.option('--latent-only', 'latent_only', is_flag=True,
-              help='Train on the latent loss alone: no pass back through the generator, no last render (CPU budgets)')
+              help='Train on the latent loss alone (and the converged term): no pass back through the generator, '
+                   'no last render (CPU budgets)')
 @click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
               help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
 @click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,

@@ -78,7 +78,8 @@ def test_latent_only_sets_the_latent_loss_alone(tiny_identity, tmp_path, monkeyp
     result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.002',
                   '--latent-only', *FAST])
     assert result.exit_code == 0, result.output
-    assert captured['c'].loss_weights == dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0)
+    assert captured['c'].loss_weights == dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0,
+                                              converged=1.0)
 
 
 def test_latent_only_refuses_photos_without_latents(tiny_identity, tmp_path):

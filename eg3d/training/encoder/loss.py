@@ -7,7 +7,17 @@
            with latents)
   mirror   the mirrored photo with its mirrored camera must invert consistently: one iteration from
            w_avg on (flip(photo), mirror(c)), rendered from mirror(c) and flipped back, must match the
-           photo (pixel mean squared error); once per batch, after the first iteration
+           photo (pixel mean squared error); once per batch, after the first iteration. With the encoder's
+           confidence head (TriPlaneNet's confidence map), the squared error e of each pixel is weighted by
+           1 / sigma, normalised to mean 1 over the image:  sum(e / sigma) / sum(1 / sigma)  (sigma detached)
+  confidence the head's loss, the Gaussian negative log-likelihood of the error (times 2, constant dropped):
+           mean(e / sigma + log sigma), e detached, so it trains the head alone; it is lowest at sigma = e,
+           so pixels whose mirror does not fit (hair parting, one-sided light) get a large sigma, a low weight
+  converged E(photo ++ photo, c)^2 (element mean): where the render already is the photo, the residual
+           is zero; once per batch. Early in training every iteration's input is near w_avg, so the
+           encoder never sees a render that is already right; without this term a briefly trained one
+           kept a residual there (in the direction of its first correction), which iterations 2..
+           added again and again (they overshot)
 
 Each iteration's terms are backpropagated right away (`backward_scale` times their sum), so only one
 iteration's graph through G is alive at a time.
@@ -17,6 +27,7 @@ import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from training.encoder import restyle
 from training.encoder.data import Batch, mirror_cameras
@@ -30,6 +41,17 @@ class LossWeights:
     id: float = 0.1
     latent: float = 1.0
     mirror: float = 0.5
+    converged: float = 1.0
+    confidence: float = 1.0
+
+
+def confidence_weighted_error(error: torch.Tensor, sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample [N] (weighted error, confidence NLL) of squared errors `error` [N, H, W] and the predicted sigma
+    [N, H, W] > 0; see the module docstring. The weights have mean 1, so the term keeps the scale of the plain mean."""
+    weight = 1 / sigma.detach()
+    weighted = (weight * error).sum(dim=[1, 2]) / weight.sum(dim=[1, 2])
+    nll = (error.detach() / sigma + sigma.log()).mean(dim=[1, 2])
+    return weighted, nll
 
 
 def latent_loss(ws: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -38,14 +60,28 @@ def latent_loss(ws: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> 
 
 
 def mirrored_loss(encoder: torch.nn.Module, render: restyle.RenderFn, photo: torch.Tensor, c: torch.Tensor,
-                  w_start: torch.Tensor) -> torch.Tensor:
-    """Per-sample [N]: one iteration from w_start on the mirrored photo and camera, flipped back, vs the photo."""
+                  w_start: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-sample terms [N]: one iteration from w_start on the mirrored photo and camera, flipped back, vs the photo:
+    {'mirror'} (pixel mean squared error), or with a confidence head {'mirror' (weighted), 'confidence'}."""
     c_mirror = mirror_cameras(c)
     photo_mirror = photo.flip(3)
     with torch.no_grad():
         start_image = render(w_start, c_mirror)
-    ws = w_start + encoder(photo_mirror, start_image, c_mirror)
-    return (render(ws, c_mirror).flip(3) - photo).square().mean(dim=[1, 2, 3])
+    if getattr(encoder, 'confidence', None) is None:
+        residual, sigma = encoder(photo_mirror, start_image, c_mirror), None
+    else:
+        residual, sigma = encoder.forward_with_confidence(photo_mirror, start_image, c_mirror)
+    error = (render(w_start + residual, c_mirror).flip(3) - photo).square().mean(dim=1)  # [N, H, W]
+    if sigma is None:
+        return {'mirror': error.mean(dim=[1, 2])}
+    sigma = F.interpolate(sigma.flip(3), size=error.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+    weighted, nll = confidence_weighted_error(error, sigma)
+    return {'mirror': weighted, 'confidence': nll}
+
+
+def converged_loss(encoder: torch.nn.Module, photo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-sample [N] mean squared residual the encoder predicts when the current render is the photo itself."""
+    return encoder(photo, photo, c).square().mean(dim=[1, 2])
 
 
 class EncoderLoss:
@@ -89,7 +125,9 @@ class EncoderLoss:
                     {'image': (it.image - batch.images).square().mean(dim=[1, 2, 3])}
             terms['latent'] = latent_loss(it.ws, batch.ws, batch.has_ws)
             if i == 1 and self.weights.mirror > 0:
-                terms['mirror'] = mirrored_loss(encoder, render, batch.images, batch.cameras, w_start)
+                terms.update(mirrored_loss(encoder, render, batch.images, batch.cameras, w_start))
+            if i == 1 and self.weights.converged > 0:
+                terms['converged'] = converged_loss(encoder, batch.images, batch.cameras)
             total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items()
                         if value.requires_grad)
             if torch.is_tensor(total):
@@ -112,4 +150,4 @@ def _without_grad(render: restyle.RenderFn) -> restyle.RenderFn:
 
 
 def _at_most_256(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.interpolate(x, size=(256, 256), mode='area') if x.shape[-1] > 256 else x
+    return F.interpolate(x, size=(256, 256), mode='area') if x.shape[-1] > 256 else x

@@ -6,6 +6,10 @@ layer, and the 25-float camera as a condition.
       --one head per W+ layer: extra 1x1 conv, stride-2 convs down to 1x1, ++ camera embedding, linear-->
       residual [N, num_ws, w_dim]
 
+For training only, a small confidence head reads the fine map and predicts sigma [N, 1, r/4, r/4], the expected
+squared error of each pixel of the mirrored reconstruction (TriPlaneNet's confidence map; see loss.py).
+Inference (`forward`) never runs it.
+
 As in pSp, the first W+ layers read the coarse map, the next ones the middle map and the rest the fine map.
 The residual is added to the current W+ by the ReStyle loop (`restyle.py`); its last layers start at zero,
 so an untrained encoder leaves its start latent unchanged.
@@ -36,12 +40,17 @@ class EncoderConfig:
     camera_channels: int = 64          # width of the camera embedding given to every head
     coarse_layers: int = 3             # W+ layers 0..2 from the coarse map (pSp's split of 18 layers: 3 / 4 / 11)
     middle_layers: int = 4             # then 4 from the middle map, the rest from the fine map
+    confidence_channels: int = 0       # width of the mirrored loss's confidence head; 0 = no head (the default,
+                                       # so that files written before the head existed load as they were)
 
     def __post_init__(self):
         if len(self.stage_channels) != 4 or len(self.stage_blocks) != 4:
             raise ValueError('an encoder has 4 IR stages: stage_channels and stage_blocks need 4 entries each')
         if self.input_resolution < 32 or self.input_resolution & (self.input_resolution - 1):
             raise ValueError(f'input_resolution must be a power of two >= 32, got {self.input_resolution}')
+        if self.confidence_channels < 0:
+            raise ValueError(f'confidence_channels must be >= 0 (0 = no confidence head), '
+                             f'got {self.confidence_channels}')
         if self.coarse_layers + self.middle_layers > self.num_ws:
             raise ValueError(f'coarse_layers + middle_layers ({self.coarse_layers} + {self.middle_layers}) exceed '
                              f'num_ws={self.num_ws}')
@@ -62,10 +71,11 @@ class EncoderConfig:
         coarse = max(1, round(3 * num_ws / 18))
         middle = max(1, round(4 * num_ws / 18))
         if img_resolution >= 256:
-            return cls(num_ws=num_ws, w_dim=w_dim, input_resolution=256, coarse_layers=coarse, middle_layers=middle)
+            return cls(num_ws=num_ws, w_dim=w_dim, input_resolution=256, coarse_layers=coarse, middle_layers=middle,
+                       confidence_channels=64)
         return cls(num_ws=num_ws, w_dim=w_dim, input_resolution=64, stem_channels=16,
                    stage_channels=(16, 32, 64, 96), stage_blocks=(1, 1, 1, 1), pyramid_channels=64,
-                   camera_channels=32, coarse_layers=coarse, middle_layers=middle)
+                   camera_channels=32, coarse_layers=coarse, middle_layers=middle, confidence_channels=64)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -122,6 +132,26 @@ class Map2Style(nn.Module):
         return f'spatial={self.spatial}'
 
 
+class ConfidenceHead(nn.Module):
+    """Fine pyramid map [N, C, s, s] -> sigma [N, 1, s, s] > 0: the expected squared error of each pixel of the
+    mirrored reconstruction (large where the face is not symmetric: hair parting, one-sided light)."""
+
+    SIGMA_MIN = 1e-4  # keeps the weight 1 / sigma finite
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.convs = nn.Sequential(nn.Conv2d(channels, hidden, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
+        nn.init.zeros_(self.convs[-1].weight)  # an untrained head predicts the same sigma everywhere: equal weights
+        nn.init.zeros_(self.convs[-1].bias)
+
+    def forward(self, fine: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.convs(fine)) + self.SIGMA_MIN
+
+    def extra_repr(self) -> str:
+        return f'hidden={self.hidden}'
+
+
 class W3DEncoder(nn.Module):
     """(photo, current reconstruction, camera) -> W+ residual [N, num_ws, w_dim]. See the module docstring."""
 
@@ -147,6 +177,7 @@ class W3DEncoder(nn.Module):
         spatial = [r // 16] * cfg.coarse_layers + [r // 8] * cfg.middle_layers
         spatial += [r // 4] * (cfg.num_ws - len(spatial))
         self.heads = nn.ModuleList([Map2Style(p, s, cfg.camera_channels, cfg.w_dim) for s in spatial])
+        self.confidence = ConfidenceHead(p, cfg.confidence_channels) if cfg.confidence_channels > 0 else None
 
     def pyramid(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Backbone + top-down pathway: {'coarse': r/16, 'middle': r/8, 'fine': r/4} maps of pyramid_channels."""
@@ -164,14 +195,30 @@ class W3DEncoder(nn.Module):
 
     def forward(self, photo: torch.Tensor, reconstruction: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """photo, reconstruction [N, 3, R, R] in [-1, 1] (any R; resized), c [N, 25] -> residual [N, num_ws, w_dim]."""
-        cfg = self.config
+        return self._residual(self.pyramid(self._input(photo, reconstruction)), c)
+
+    def forward_with_confidence(self, photo: torch.Tensor, reconstruction: torch.Tensor, c: torch.Tensor
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(residual as `forward`, sigma [N, 1, r/4, r/4] of the confidence head); training's mirrored loss only.
+
+        The head reads the fine map detached: its loss trains the head, never the features the inversion uses.
+        """
+        if self.confidence is None:
+            raise ValueError('this encoder has no confidence head (its config has confidence_channels=0)')
+        maps = self.pyramid(self._input(photo, reconstruction))
+        return self._residual(maps, c), self.confidence(maps['fine'].detach())
+
+    def _input(self, photo: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        r = self.config.input_resolution
         x = torch.cat([photo, reconstruction], dim=1)
-        if x.shape[-1] != cfg.input_resolution or x.shape[-2] != cfg.input_resolution:
-            mode = 'area' if x.shape[-1] > cfg.input_resolution else 'bilinear'
-            x = F.interpolate(x, size=(cfg.input_resolution, cfg.input_resolution), mode=mode,
-                              **({} if mode == 'area' else {'align_corners': False}))
-        maps = self.pyramid(x)
-        embedding = self.camera(c.to(x.dtype))
+        if x.shape[-1] != r or x.shape[-2] != r:
+            mode = 'area' if x.shape[-1] > r else 'bilinear'
+            x = F.interpolate(x, size=(r, r), mode=mode, **({} if mode == 'area' else {'align_corners': False}))
+        return x
+
+    def _residual(self, maps: Dict[str, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        embedding = self.camera(c.to(maps['fine'].dtype))
         levels = ['coarse'] * cfg.coarse_layers + ['middle'] * cfg.middle_layers
         levels += ['fine'] * (cfg.num_ws - len(levels))
         return torch.stack([head(maps[level], embedding) for head, level in zip(self.heads, levels)], dim=1)

@@ -5,6 +5,8 @@ the render y of the current latent w and the camera, predict the residual w_true
 costs (a G forward per example); the encoder update is cheap. The buffer keeps the latest examples
 (photo and render already resized to the encoder's input, as float16) whose true latent is known, and
 `updates` extra Adam steps per training step draw minibatches from it with the latent loss only.
+Each photo also adds its converged example (the photo as its own render, at its true latent: residual
+zero), as the `converged` loss term does; without it early buffers hold only inputs near w_avg.
 The buffer is part of the training state, so a resumed run still continues exactly.
 """
 
@@ -33,7 +35,8 @@ class ReplayBuffer:
 
     def add(self, photos: torch.Tensor, cameras: torch.Tensor, states: List[Iteration], targets: torch.Tensor,
             known: torch.Tensor) -> None:
-        """The inputs of every iteration: state i-1 (w, render) with the photo; only rows whose w is known."""
+        """The inputs of every iteration (state i-1: w, render) with the photo, and the converged example
+        (the photo as the render, at the true w); only rows whose w is known."""
         keep = known.cpu()
         if self.capacity <= 0 or not bool(keep.any()):
             return
@@ -44,6 +47,10 @@ class ReplayBuffer:
             rows['cameras'].append(cameras.detach().cpu()[keep])
             rows['ws'].append(state.ws.cpu()[keep])
             rows['targets'].append(targets.detach().cpu()[keep])
+        rows['inputs'].append(torch.cat([small, small], dim=1).half())
+        rows['cameras'].append(cameras.detach().cpu()[keep])
+        rows['ws'].append(targets.detach().cpu()[keep])
+        rows['targets'].append(targets.detach().cpu()[keep])
         for name in FIELDS:
             new = torch.cat(rows[name])
             joined = torch.cat([self.data[name], new]) if name in self.data else new

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import psutil
 import torch
@@ -55,6 +55,20 @@ def renderer(G: torch.nn.Module, neural_rendering_resolution: Optional[int]) -> 
     def render(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return inf.render(G, ws, c, neural_rendering_resolution, seed=None)
     return render
+
+
+def add_gradients(total: Optional[List[torch.Tensor]], params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """total + the gradients of params (zeros where None); the gradients themselves if total is None.
+
+    A chunk's gradient is summed over its iterations' backward passes on its own, then added to the other
+    chunks' sums, in chunk order: with one chunk per process, this is the addition the all-reduce makes, so a run
+    on 2 processes computes the bits of a run on 1. Accumulating every backward pass into the same .grad added
+    the second chunk's iterations one by one instead, and rounding then differed in the last bit; through the
+    kinks of the (Leaky/P)ReLUs (a unit that flips sign changes its gradient by a finite step), such a bit can
+    move the next step's gradient of a head by percents.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    return grads if total is None else [t + g for t, g in zip(total, grads)]
 
 
 def training_loop(
@@ -188,9 +202,10 @@ def training_loop(
     sums: dict = {}
     done = cur_nimg >= total_nimg
     while not done:
-        optimizer.zero_grad(set_to_none=True)
         indices = batch_indices(len(folder_set), batch_size, step, random_seed) if folder_set is not None else None
+        chunk_sum = None
         for chunk in local_chunks:
+            optimizer.zero_grad(set_to_none=True)
             seed = chunk_seed(random_seed, step, chunk)
             if folder_set is None:
                 batch = generator_batch(G, batch_gpu, seed, psi_range, nrr)
@@ -204,9 +219,12 @@ def training_loop(
                 acc = sums.setdefault(name, [0.0, 0])
                 acc[0] += value
                 acc[1] += 1
+            chunk_sum = add_gradients(chunk_sum, params)
+        for param, grad in zip(params, chunk_sum):
+            param.grad = grad
         all_reduce_gradients(params, num_gpus)
         optimizer.step()
-        for r in range(replay):
+        for r in range(replay):  # one backward pass per chunk: its gradient is added to the others' as above
             optimizer.zero_grad(set_to_none=True)
             for chunk in local_chunks:  # each chunk's minibatch, scaled to its share of the global batch
                 replay_seed = chunk_seed(random_seed, step, (r + 1) * num_chunks + chunk)

@@ -6,16 +6,16 @@ from training.encoder import EncoderConfig, W3DEncoder
 NUM_WS, W_DIM = 14, 512
 
 
-def tiny_config(input_resolution: int = 32) -> EncoderConfig:
+def tiny_config(input_resolution: int = 32, confidence_channels: int = 0) -> EncoderConfig:
     return EncoderConfig(num_ws=NUM_WS, w_dim=W_DIM, input_resolution=input_resolution, stem_channels=8,
                          stage_channels=(8, 8, 16, 16), stage_blocks=(1, 1, 1, 1), pyramid_channels=16,
-                         camera_channels=8, coarse_layers=3, middle_layers=4)
+                         camera_channels=8, coarse_layers=3, middle_layers=4, confidence_channels=confidence_channels)
 
 
-def tiny_encoder(seed: int = 0, input_resolution: int = 32) -> W3DEncoder:
+def tiny_encoder(seed: int = 0, input_resolution: int = 32, confidence_channels: int = 0) -> W3DEncoder:
     """A tiny encoder whose heads are randomised (a fresh one outputs zeros by design)."""
     torch.manual_seed(seed)
-    encoder = W3DEncoder(tiny_config(input_resolution))
+    encoder = W3DEncoder(tiny_config(input_resolution, confidence_channels))
     with torch.no_grad():
         for head in encoder.heads:
             head.linear.weight.normal_(0, 0.05)

@@ -48,6 +48,33 @@ def test_presets_and_config_round_trip():
     small = EncoderConfig.for_generator(14, 512, 128)
     ffhq = EncoderConfig.for_generator(14, 512, 512)
     assert small.input_resolution == 64 and ffhq.input_resolution == 256
+    assert small.confidence_channels > 0 and ffhq.confidence_channels > 0  # new encoders train with the map
     assert EncoderConfig.from_json(ffhq.to_json()) == ffhq
     with pytest.raises(ValueError, match='power of two'):
         EncoderConfig(input_resolution=100)
+    with pytest.raises(ValueError, match='confidence_channels'):
+        EncoderConfig(confidence_channels=-1)
+
+
+def test_confidence_head_predicts_a_positive_sigma_per_fine_map_pixel(cameras):
+    encoder = tiny_encoder(confidence_channels=8)
+    photo = torch.rand(2, 3, 64, 64) * 2 - 1
+    residual, sigma = encoder.forward_with_confidence(photo, torch.zeros_like(photo), cameras)
+    assert torch.equal(residual, encoder(photo, torch.zeros_like(photo), cameras))
+    assert sigma.shape == (2, 1, 32 // 4, 32 // 4)  # the fine map of the 32 px input
+    assert float(sigma.min()) > 0
+    assert torch.allclose(sigma, sigma.flatten()[0])  # untrained: one sigma everywhere, so equal weights
+    with torch.no_grad():
+        encoder.confidence.convs[-1].bias.fill_(-1e4)  # far below any error: sigma stays positive
+    assert float(encoder.forward_with_confidence(photo, photo, cameras)[1].min()) > 0
+
+
+def test_inference_never_runs_the_confidence_head(cameras):
+    encoder = tiny_encoder(confidence_channels=8)
+    calls = []
+    encoder.confidence.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    photo = torch.rand(1, 3, 32, 32)
+    encoder(photo, photo, cameras[:1])
+    assert calls == []
+    with pytest.raises(ValueError, match='no confidence head'):
+        tiny_encoder().forward_with_confidence(photo, photo, cameras[:1])
