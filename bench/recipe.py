@@ -54,6 +54,7 @@ VARIANTS = {
     'adapter-noema': dict(ema_half_life=None, ema_rampup=None),  # the raw weights instead of their EMA
     'adapter-v1': dict(lr=0.01, warmup=0.05, ema_half_life=None, ema_rampup=None),  # the first default (no EMA)
     'adapter-ginit': dict(init='gradient', init_passes=2),      # A from the first batch's weight gradients
+    'adapter-ginit-lr0.005': dict(init='gradient', init_passes=2, lr=0.005),  # the same with a quarter of the rate
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }
