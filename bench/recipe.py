@@ -12,7 +12,9 @@ poses. Every recipe trains a rank-1 LoRA on the unchanged base with the real tra
 Quality is the held-out MSE closed, 1 - mse / mse(base), in percent: 100 = the person exactly.
 Per recipe (mean, and the spread over identities and seeds as min-max):
   - images to reach My3DGen's best: the first tick at which the recipe is at least as good as the
-    best tick of the `my3dgen` run on the same identity and seed; the speed-up is their ratio;
+    best tick of the `my3dgen` run on the same identity and seed; the speed-up is their ratio; and
+    the same in compute, forward/backward passes of a batch: steps plus the passes a recipe with
+    init='gradient' spends on its first batch before training (`init_passes`);
   - best and final quality at the same compute (the same number of images);
   - the largest drop below the running best after the first 10% of training (points of MSE closed).
 Writes results.json and curves.png (mean curve per recipe, min-max band) under --outdir; runs that
@@ -51,6 +53,8 @@ VARIANTS = {
     'adapter-clip': dict(grad_clip=0.1),                       # gradient clipping
     'adapter-noema': dict(ema_half_life=None, ema_rampup=None),  # the raw weights instead of their EMA
     'adapter-v1': dict(lr=0.01, warmup=0.05, ema_half_life=None, ema_rampup=None),  # the first default (no EMA)
+    'adapter-ginit': dict(init='gradient', init_passes=2),      # A from the first batch's weight gradients
+    'adapter-ginit-lr0.005': dict(init='gradient', init_passes=2, lr=0.005),  # the same with a quarter of the rate
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }
@@ -140,14 +144,24 @@ def closed_curve(stats_path: str):
     return nimg, 100 * (1 - mse / mse[0])
 
 
-def summarize(curves: dict, names: list, totals: dict) -> dict:
+def init_passes(name: str) -> int:
+    """Forward/backward passes a recipe spends before its first step (on the first batch: no new images)."""
+    recipe = get_recipe(name.split('@')[0])
+    return recipe.init_passes if recipe.init == 'gradient' else 0
+
+
+def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
     """Per recipe: speed-up to My3DGen's best, best/final quality, worst drop after 10%, with spreads.
 
     `totals` gives each name's run length in images (short runs are scored against the full My3DGen run).
+    The speed-up is counted twice: in images seen, and in compute, i.e. forward/backward passes of a
+    `batch`-image batch (steps plus the recipe's init passes).
     """
     out = {}
+    ref_passes = init_passes('my3dgen')
     for name in names:
         total = totals[name]
+        passes = init_passes(name)
         rows = []
         for key, (nimg, closed) in curves[name].items():
             ref_nimg, ref_closed = curves['my3dgen'][key]
@@ -160,12 +174,18 @@ def summarize(curves: dict, names: list, totals: dict) -> dict:
             rows.append(dict(identity=key, my3dgen_best=float(ref_best), my3dgen_best_at=int(ref_at),
                              reach_images=None if at is None else int(at),
                              speedup=None if at is None or at == 0 else float(ref_at / at),
+                             reach_passes=None if at is None else int(at // batch + passes),
+                             speedup_compute=(None if at is None or at // batch + passes == 0 else
+                                              float((ref_at // batch + ref_passes) / (at // batch + passes))),
                              best=float(closed.max()), final=float(closed[-1]),
                              worst_drop=float((running - closed)[late].max()) if late.any() else 0.0))
         speedups = [r['speedup'] for r in rows if r['speedup'] is not None]
-        out[name] = dict(runs=rows, reached=f'{len(speedups)}/{len(rows)}',
+        compute = [r['speedup_compute'] for r in rows if r['speedup_compute'] is not None]
+        out[name] = dict(runs=rows, reached=f'{len(speedups)}/{len(rows)}', init_passes=passes,
                          speedup_mean=float(np.mean(speedups)) if speedups else None,
                          speedup_min=float(np.min(speedups)) if speedups else None,
+                         speedup_compute_mean=float(np.mean(compute)) if compute else None,
+                         speedup_compute_min=float(np.min(compute)) if compute else None,
                          **{f'{m}_{agg}': float(fn([r[m] for r in rows]))
                             for m in ('best', 'final', 'worst_drop') for agg, fn in
                             (('mean', np.mean), ('min', np.min), ('max', np.max))})
@@ -173,16 +193,20 @@ def summarize(curves: dict, names: list, totals: dict) -> dict:
 
 
 def print_per_identity(summary: dict, names: list, totals: dict) -> None:
-    """Per identity and run length: images to reach My3DGen's best in its full run (speed-up), best and final."""
-    print('\n| recipe | images in the run | identity | My3DGen\'s best (at images) | images to reach it (speed-up) | best | final |')
-    print('|---|---|---|---|---|---|---|')
+    """Per identity and run length: images and compute to reach My3DGen's best in its full run, best and final."""
+    print('\n| recipe | images in the run | identity | My3DGen\'s best (at images) | images to reach it (speed-up) | '
+          'compute to reach it: steps + init passes (speed-up) | best | final |')
+    print('|---|---|---|---|---|---|---|---|')
     for name in names:
         if name == 'my3dgen':
             continue
         for r in summary[name]['runs']:
-            reach = 'not reached' if r['reach_images'] is None else f'{r["reach_images"]} ({r["speedup"]:.1f}x)'
+            reach, compute = 'not reached', '-'
+            if r['reach_images'] is not None:
+                reach = f'{r["reach_images"]} ({r["speedup"]:.1f}x)'
+                compute = f'{r["reach_passes"]} ({r["speedup_compute"]:.1f}x)'
             print(f'| {name} | {totals[name]} | {r["identity"]} | {r["my3dgen_best"]:.1f} ({r["my3dgen_best_at"]}) | '
-                  f'{reach} | {r["best"]:.1f} | {r["final"]:.1f} |')
+                  f'{reach} | {compute} | {r["best"]:.1f} | {r["final"]:.1f} |')
 
 
 def plot(curves: dict, names: list, path: str, width: int = 900, height: int = 520) -> None:
@@ -264,7 +288,7 @@ def main() -> None:
         curves[job['label']][job['key']] = closed_curve(path)
     totals = {label: int(round(budget_run(args.kimg, args.tick, args.batch, budget)[0] * 1000)) for label, _, budget in runs}
     total = totals['my3dgen']
-    summary = summarize(curves, names, totals)
+    summary = summarize(curves, names, totals, args.batch)
     results = dict(args=vars(args), machine=f'{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}',
                    date=time.strftime('%Y-%m-%d'), wall_seconds=round(time.time() - start),
                    recipes={n: get_recipe(n).to_dict() for n in recipe_names}, summary=summary,
@@ -276,16 +300,18 @@ def main() -> None:
 
     print(f'{len(curves["my3dgen"])} identity x seed runs per recipe, {total} images each, batch {args.batch}; '
           f'held-out MSE closed (%), mean [min, max]\n')
-    print('| recipe | reaches My3DGen\'s best | images to get there: speed-up vs my3dgen | best | final | worst drop after 10% (points) |')
-    print('|---|---|---|---|---|---|')
+    print('| recipe | reaches My3DGen\'s best | images to get there: speed-up vs my3dgen | compute to get there '
+          '(steps + init passes): speed-up | best | final | worst drop after 10% (points) |')
+    print('|---|---|---|---|---|---|---|')
     for name in names:
         s = summary[name]
         speed = ('-' if s['speedup_mean'] is None else f'{s["speedup_mean"]:.1f}x (min {s["speedup_min"]:.1f}x)')
-        print(f'| {name} | {s["reached"]} | {speed} | {s["best_mean"]:.1f} [{s["best_min"]:.1f}, {s["best_max"]:.1f}] | '
+        compute = ('-' if s['speedup_compute_mean'] is None else
+                   f'{s["speedup_compute_mean"]:.1f}x (min {s["speedup_compute_min"]:.1f}x)')
+        print(f'| {name} | {s["reached"]} | {speed} | {compute} | {s["best_mean"]:.1f} [{s["best_min"]:.1f}, {s["best_max"]:.1f}] | '
               f'{s["final_mean"]:.1f} [{s["final_min"]:.1f}, {s["final_max"]:.1f}] | '
               f'{s["worst_drop_mean"]:.1f} [max {s["worst_drop_max"]:.1f}] |')
-    if len(budgets) > 1:
-        print_per_identity(summary, names, totals)
+    print_per_identity(summary, names, totals)
     print(f'\nwrote {os.path.join(args.outdir, "results.json")} and curves.png ({time.time() - start:.0f} s)')
 
 

@@ -47,6 +47,12 @@ class AdapterEMA:
         for avg, p in zip(self.average, self.params):
             avg.lerp_(p.detach(), 1 - beta)
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """The average starts again from the tensors as they are now (after an initialisation changed them)."""
+        for avg, p in zip(self.average, self.params):
+            avg.copy_(p.detach())
+
     def state_dict(self) -> dict:
         return dict(average=[a.clone() for a in self.average], raw=[p.detach().clone() for p in self.params])
 

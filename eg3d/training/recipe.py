@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 DECAYS = ('constant', 'cosine')
+INITS = ('random', 'gradient')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Recipe:
     ema_half_life: Optional[float] = None  # EMA of the trained tensors (training/adapter_ema.py): half-life as a
                                            # fraction of the run's images; None = no EMA (files hold the raw weights)
     ema_rampup: Optional[float] = None   # the EMA's half-life is at most this fraction of the images seen (EG3D's)
+    init: str = 'random'                 # adapters' start: 'random' (PEFT's: A random, B = 0) or 'gradient' (A from
+                                         # the first batch's weight gradients, training/gradient_init.py; B = 0)
+    init_passes: int = 2                 # init='gradient': forward/backward passes on the first batch (no new images)
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,6 +60,10 @@ class Recipe:
             problems.append(f'ema_half_life must be > 0 or None, got {self.ema_half_life}')
         if self.ema_rampup is not None and not self.ema_rampup > 0:
             problems.append(f'ema_rampup must be > 0 or None, got {self.ema_rampup}')
+        if self.init not in INITS:
+            problems.append(f'init must be one of {INITS}, got {self.init!r}')
+        if not (isinstance(self.init_passes, int) and self.init_passes >= 1):
+            problems.append(f'init_passes must be an integer >= 1, got {self.init_passes!r}')
         if problems:
             raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))

@@ -11,6 +11,8 @@ gets gradients only from its identity's B / K samples, exactly the gradient of a
 with batch B / K (the scale matters: Adam's eps is not scale-free).
 """
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -74,28 +76,11 @@ class TrainingStep:
 
     def __call__(self, step: int, cur_nimg: int) -> float:
         """Returns the learning rate of the step."""
-        o, data, trainables = self.options, self.data, self.trainables
-        K = data.num_identities
-        indices = torch.from_numpy(data.training_set.batch_indices(o.batch_size, step, self.random_seed))
-        regularize = self.lazy_reg and step % o.density_reg_every == 0
+        o, trainables = self.options, self.trainables
+        K = self.data.num_identities
         trainables.optimizer.zero_grad(set_to_none=True)
         lr = recipes.set_learning_rate(trainables.optimizer, self.recipe, cur_nimg, self.total_nimg)
-        share = o.batch_gpu / o.batch_size
-        terms: dict = {}
-        for chunk in range(self.rank, o.batch_size // o.batch_gpu, o.num_gpus):
-            idx = indices[chunk * o.batch_gpu:(chunk + 1) * o.batch_gpu]
-            real_img = data.images[idx].to(self.device).to(torch.float32) / 127.5 - 1
-            c, ws = data.cameras[idx].to(self.device), data.latents[idx].to(self.device)
-            identity = data.training_set.identity[idx.numpy()]
-            if trainables.config is not None:
-                adapters.select(self.G, torch.from_numpy(identity))
-            torch.manual_seed(chunk_seed(self.random_seed, step, chunk))
-            total, chunk_terms, per_sample = self.loss_fn(self.G, real_img, c, ws, self.neural_rendering_resolution,
-                                                          regularize=regularize, reg_gain=o.density_reg_every)
-            (total * (share * K)).backward()
-            for name, value in [('total', total)] + list(chunk_terms.items()):
-                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
-            self.tick.add_samples(identity, per_sample)
+        terms = self._backward_loss(step, self.tick)
         if trainables.allocator is not None:  # AdaLoRA: orthogonality of P and Q, once per step over all processes.
             orth = adapters.orthogonal_regularization(self.G) * trainables.config.orth_reg_weight  # mean over adapters
             (orth * (K / o.num_gpus)).backward()
@@ -109,3 +94,35 @@ class TrainingStep:
             trainables.allocator.update_and_mask(self.G, step)
         self.tick.add_step(terms, nonfinite)
         return lr
+
+    def loss_gradients(self, step: int) -> None:
+        """The gradients of step `step`'s loss on its batch, summed over processes, in the trainable tensors'
+        .grad; no optimizer step and no statistics (what the gradient-aligned initialisation reads)."""
+        self.trainables.optimizer.zero_grad(set_to_none=True)
+        self._backward_loss(step, tick=None)
+        all_reduce_gradients(self.trainables.params, self.options.num_gpus)
+
+    def _backward_loss(self, step: int, tick: Optional[TickStats]) -> dict:
+        """Backward of this process's chunks of step `step`'s batch; returns the loss terms (global-batch means)."""
+        o, data = self.options, self.data
+        K = data.num_identities
+        indices = torch.from_numpy(data.training_set.batch_indices(o.batch_size, step, self.random_seed))
+        regularize = self.lazy_reg and step % o.density_reg_every == 0
+        share = o.batch_gpu / o.batch_size
+        terms: dict = {}
+        for chunk in range(self.rank, o.batch_size // o.batch_gpu, o.num_gpus):
+            idx = indices[chunk * o.batch_gpu:(chunk + 1) * o.batch_gpu]
+            real_img = data.images[idx].to(self.device).to(torch.float32) / 127.5 - 1
+            c, ws = data.cameras[idx].to(self.device), data.latents[idx].to(self.device)
+            identity = data.training_set.identity[idx.numpy()]
+            if self.trainables.config is not None:
+                adapters.select(self.G, torch.from_numpy(identity))
+            torch.manual_seed(chunk_seed(self.random_seed, step, chunk))
+            total, chunk_terms, per_sample = self.loss_fn(self.G, real_img, c, ws, self.neural_rendering_resolution,
+                                                          regularize=regularize, reg_gain=o.density_reg_every)
+            (total * (share * K)).backward()
+            for name, value in [('total', total)] + list(chunk_terms.items()):
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
+            if tick is not None:
+                tick.add_samples(identity, per_sample)
+        return terms

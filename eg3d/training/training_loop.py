@@ -1,6 +1,7 @@
 """Personalization training loop: fine-tune adapters (or the whole generator) on one or more identities.
 
     load or resume (starting_point) -> data (run_data) -> trainables: adapters, optimizer, allocator
+    -> (a fresh run of a recipe with init='gradient': align the adapters with the first batch, gradient_init)
     -> per step (train_step): batch -> G.synthesis -> loss -> adapter gradients -> all-reduce -> Adam
     -> every tick (tick_stats): report; score the held-out views and keep the best files (snapshots,
        validation) -> early stop / snapshot
@@ -25,15 +26,17 @@ import torch
 import tqdm
 
 import dnnlib
+from training import gradient_init
 from training import validation
 from training.options import TrainingOptions
+from training.recipe import Recipe
 from training.run_data import load_run_data
 from training.run_log import RunLog
 from training.snapshots import Snapshots, continued_recipe, kimg_tag, read_training_state
 from training.starting_point import load_starting_point, rebuild_generator
 from training.tick_stats import StatsWriter, TickStats
 from training.train_step import TrainingStep, chunk_seed, make_loss
-from training.trainables import build_trainables
+from training.trainables import Trainables, build_trainables
 
 # The loop's helpers, where tools and tests have always found them.
 __all__ = ['training_loop', 'run', 'kimg_tag', 'chunk_seed', 'rebuild_generator']
@@ -52,6 +55,20 @@ def _set_up_device(options: TrainingOptions, local_rank: int) -> torch.device:
     torch.backends.cuda.matmul.allow_tf32 = options.allow_tf32
     torch.backends.cudnn.allow_tf32 = options.allow_tf32
     return device
+
+
+def _align_adapters(G: torch.nn.Module, train_step: TrainingStep, trainables: Trainables, recipe: Recipe,
+                    random_seed: int, device: torch.device, log: RunLog) -> None:
+    """The recipe's gradient-aligned start: `init_passes` forward/backward passes on the first batch (step 0's
+    images and noise, no new images); the global RNG is left as it was, so the run's draws do not move."""
+    start_time = time.time()
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        gradient_init.align_adapters(G, lambda: train_step.loss_gradients(0), recipe.init_passes,
+                                     torch.Generator().manual_seed(random_seed))
+    if trainables.ema is not None:
+        trainables.ema.restart()
+    log(f'Adapters aligned with the first batch\'s weight gradients: {recipe.init_passes} forward/backward passes '
+        f'on step 0\'s batch ({time.time() - start_time:.1f} s).')
 
 
 def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
@@ -74,6 +91,11 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     neural_rendering_resolution = (o.neural_rendering_resolution if o.neural_rendering_resolution is not None else
                                    int(getattr(G.superresolution, 'input_resolution', 64)))
     loss_fn = make_loss(o.loss_kwargs, device)
+    tick = TickStats(data.num_identities, device)
+    train_step = TrainingStep(G, data, trainables, loss_fn, recipe, o, start.random_seed, neural_rendering_resolution,
+                              rank, device, tick)
+    if recipe.init == 'gradient' and not start.continuing:  # a continued run has its adapters from the snapshot
+        _align_adapters(G, train_step, trainables, recipe, start.random_seed, device, log)
     snapshots = Snapshots(G, start, data, trainables, loss_fn, recipe, o, neural_rendering_resolution, rank, device,
                           log)
     cur_nimg, step = snapshots.restore_training_state(state) if start.continuing else (0, 0)
@@ -94,9 +116,6 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
         f'{neural_rendering_resolution}px.')
     bar = tqdm.tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', dynamic_ncols=True,
                     disable=(rank != 0 or not o.progress_bar), desc='train')
-    tick = TickStats(data.num_identities, device)
-    train_step = TrainingStep(G, data, trainables, loss_fn, recipe, o, start.random_seed, neural_rendering_resolution,
-                              rank, device, tick)
     tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

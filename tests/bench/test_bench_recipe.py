@@ -41,3 +41,17 @@ def test_a_short_run_is_scored_against_my3dgens_best_in_the_full_run():
     assert (reached['reach_images'], reached['speedup']) == (16, 6.0)
     assert (missed['reach_images'], missed['speedup']) == (None, None)
     assert summary['adapter@0.2']['reached'] == '1/2'
+
+
+def test_the_speed_up_is_counted_in_images_and_in_compute_with_the_init_passes():
+    nimg = np.arange(0, 121, 8)
+    my3dgen = np.minimum(nimg, 96.0)  # best 96 at image 96: 48 steps of 2 images
+    curves = {'my3dgen': {'a': (nimg, my3dgen)}, 'adapter-ginit': {'a': (nimg, np.where(nimg >= 16, 97.0, 0.0))}}
+    summary = bench_recipe.summarize(curves, ['my3dgen', 'adapter-ginit'], {'my3dgen': 120, 'adapter-ginit': 120},
+                                     batch=2)
+    run = summary['adapter-ginit']['runs'][0]
+    passes = bench_recipe.get_recipe('adapter-ginit').init_passes
+    assert summary['adapter-ginit']['init_passes'] == passes > 0 and bench_recipe.init_passes('my3dgen') == 0
+    assert (run['reach_images'], run['speedup']) == (16, 6.0)
+    assert (run['reach_passes'], run['speedup_compute']) == (8 + passes, 48 / (8 + passes))
+    assert summary['my3dgen']['runs'][0]['speedup_compute'] == 1.0

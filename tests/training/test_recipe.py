@@ -26,6 +26,7 @@ def test_my3dgen_recipe_is_eg3ds_adam_at_a_constant_rate(adapted):
     assert _settings(optimizer) == _settings(reference)
     assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]['params'] == trainable
     assert recipe.grad_clip is None and recipes.clip_gradients(trainable, recipe) is None
+    assert recipe.init == 'random'  # PEFT's random A and zero B, as My3DGen starts
     for cur_nimg in (0, 1, 100, 399, 400):
         assert recipes.set_learning_rate(optimizer, recipe, cur_nimg, 400) == 0.0025
         assert optimizer.param_groups[0]['lr'] == 0.0025
@@ -66,6 +67,7 @@ def test_clipping_bounds_the_global_gradient_norm():
     (dict(lr=0), 'lr must be > 0'), (dict(betas=(1.0, 0.99)), 'betas'), (dict(warmup=1.5), 'warmup'),
     (dict(decay='step'), 'decay'), (dict(b_lr_ratio=0), 'b_lr_ratio'), (dict(grad_clip=-1.0), 'grad_clip'),
     (dict(ema_half_life=0.0), 'ema_half_life'), (dict(ema_rampup=-0.5), 'ema_rampup'),
+    (dict(init='svd'), 'init must be one of'), (dict(init_passes=0), 'init_passes'),
 ])
 def test_bad_recipes_are_refused_with_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
