@@ -11,9 +11,11 @@
 2. Evaluate on held-out samples of the base (seeds never used in training) and on the held-out views of
    the demo's person (a head outside the family, drawn by the family's exact renderer as eg3d/demo.py
    writes datasets/demo-heldout/; inverted with the base):
-   - image MSE of w_avg vs the encoder after each ReStyle iteration 1..iters;
-   - for the first `--project` images of each set: encoder + 50 projector steps vs 200 steps from w_avg
-     (projector.project, W+, no LPIPS), final MSE and wall time.
+   - image MSE of w_avg vs the encoder after each ReStyle iteration 1..iters, raw (ReStyle's plain iterations)
+     and guarded (the default of `encode`: no iteration may raise the image error), with the time per image;
+   - for the first `--project` images of each set: encoder + 50 projector steps, with the encoder-start
+     settings (projector.ENCODER_START, the default) and with the w_avg start's noise ramp
+     (projector.W_AVG_START), vs 200 steps from w_avg (projector.project, W+, no LPIPS): final MSE and wall time.
 3. Inference speed (images/s, batch 1): the encoder network at the demo preset and at the FFHQ 512 preset,
    and a whole `iters`-iteration inversion (with its renders) at the demo config.
 Prints markdown tables for docs/benchmarks.md.
@@ -65,27 +67,34 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().mean(dim=[1, 2, 3])
 
 
-def evaluate_iterations(G, encoder, w_avg, images, cameras, iters):
-    """[iters + 1, N] MSE: row 0 = w_avg, row i = after iteration i."""
+def evaluate_iterations(G, encoder, w_avg, images, cameras, iters, guard: bool):
+    """([iters + 1, N] MSE: row 0 = w_avg, row i = after iteration i; seconds per image)."""
     rows = []
+    t0 = time.time()
     for i in range(len(images)):
-        states = encode(G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], iters, NRR)
+        states = encode(G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], iters, NRR, guard=guard)
         rows.append(torch.stack([mse(s.image, images[i:i + 1])[0] for s in states]))
-    return torch.stack(rows, dim=1)
+    return torch.stack(rows, dim=1), (time.time() - t0) / len(images)
 
 
 def compare_projection(G, encoder, w_avg, image, camera, iters, w_avg_samples):
-    """(MSE, seconds) of encoder + 50 steps and of 200 steps from w_avg (projector.project, W+, MSE only)."""
+    """{run: (MSE, seconds)}: the guarded encoder's estimate alone, + 50 steps with the encoder-start settings and
+    with the w_avg start's noise ramp (each timed with the estimate), and 200 steps from w_avg (W+, MSE only)."""
     kwargs = dict(latent_space='w_plus', lpips_model=None, w_avg_samples=w_avg_samples,
                   neural_rendering_resolution=NRR, progress=False)
     t0 = time.time()
     w_init = encode(G, encoder, w_avg, image, camera, iters, NRR)[-1].ws
-    ours = projector.project(G, image, camera, num_steps=50, w_init=w_init, **kwargs)
-    t_ours = time.time() - t0
+    t_encoder = time.time() - t0
+    runs = {}
+    for name, (lr, noise) in (('encoder start', projector.ENCODER_START), ('noise ramp', projector.W_AVG_START)):
+        t0 = time.time()
+        result = projector.project(G, image, camera, num_steps=50, w_init=w_init, initial_learning_rate=lr,
+                                   initial_noise_factor=noise, **kwargs)
+        runs[name] = (result.final_loss, t_encoder + time.time() - t0)
+    runs['encoder only'] = (result.initial_loss, t_encoder)
     t0 = time.time()
-    base = projector.project(G, image, camera, num_steps=200, **kwargs)
-    t_base = time.time() - t0
-    return (ours.final_loss, t_ours), (base.final_loss, t_base)
+    runs['w_avg'] = (projector.project(G, image, camera, num_steps=200, **kwargs).final_loss, time.time() - t0)
+    return runs
 
 
 def images_per_second(fn, repeats: int) -> float:
@@ -156,23 +165,27 @@ def main() -> None:
     sets = {'base samples': (base.images, base.cameras),
             'demo identity (held-out views)': (identity_images.to(device), identity_cameras.to(device))}
 
-    print('\n| held-out set | images | MSE w_avg | ' + ' | '.join(f'iter {i}' for i in range(1, args.iters + 1)) +
-          ' | reduction vs w_avg |')
-    print('|---|---:|---:|' + '---:|' * args.iters + '---:|')
+    print('\n| held-out set | refinement | images | MSE w_avg | ' +
+          ' | '.join(f'iter {i}' for i in range(1, args.iters + 1)) + ' | reduction vs w_avg | s per image |')
+    print('|---|---|---:|---:|' + '---:|' * args.iters + '---:|---:|')
     for name, (images, cameras) in sets.items():
-        table = evaluate_iterations(G, encoder, w_avg, images, cameras, args.iters).mean(dim=1)
-        cells = ' | '.join(f'{float(v):.5f}' for v in table[1:])
-        print(f'| {name} | {len(images)} | {float(table[0]):.5f} | {cells} | '
-              f'{100 * (1 - float(table[-1]) / float(table[0])):.1f}% |', flush=True)
+        for refinement, guard in (('raw', False), ('guarded', True)):
+            table, seconds = evaluate_iterations(G, encoder, w_avg, images, cameras, args.iters, guard)
+            table = table.mean(dim=1)
+            cells = ' | '.join(f'{float(v):.5f}' for v in table[1:])
+            print(f'| {name} | {refinement} | {len(images)} | {float(table[0]):.5f} | {cells} | '
+                  f'{100 * (1 - float(table[-1]) / float(table[0])):.1f}% | {seconds:.2f} |', flush=True)
 
-    print('\n| held-out image | encoder + 50 steps: MSE | time (s) | 200 steps from w_avg: MSE | time (s) | speed-up |')
-    print('|---|---:|---:|---:|---:|---:|')
+    print('\n| held-out image | encoder only: MSE | time (s) | + 50 steps, encoder start: MSE | time (s) | '
+          '+ 50 steps, noise ramp: MSE | time (s) | 200 steps from w_avg: MSE | time (s) | time ratio |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for name, (images, cameras) in sets.items():
         for i in range(min(args.project, len(images))):
-            (m_ours, t_ours), (m_base, t_base) = compare_projection(
-                G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], args.iters, args.w_avg_samples)
-            print(f'| {name} #{i} | {m_ours:.5f} | {t_ours:.1f} | {m_base:.5f} | {t_base:.1f} | '
-                  f'{t_base / t_ours:.1f}x |', flush=True)
+            runs = compare_projection(G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], args.iters,
+                                      args.w_avg_samples)
+            cells = ' | '.join(f'{runs[k][0]:.5f} | {runs[k][1]:.1f}'
+                               for k in ('encoder only', 'encoder start', 'noise ramp', 'w_avg'))
+            print(f'| {name} #{i} | {cells} | {runs["w_avg"][1] / runs["encoder start"][1]:.2f}x |', flush=True)
 
     print(f'\n| inference ({args.device}, batch 1) | images/s |')
     print('|---|---:|')

@@ -89,6 +89,8 @@ def fit_metrics(G: torch.nn.Module, ws: torch.Tensor, target: torch.Tensor, c: t
               help='Encoder file (train_encoder.py): the pivot starts from its estimate')
 @click.option('--encoder-iters', type=click.IntRange(min=1), default=None,
               help='ReStyle iterations of --encoder  [default: as it was trained]')
+@click.option('--encoder-guard/--no-encoder-guard', default=True, show_default=True,
+              help='Halve (or drop) an --encoder iteration that would make the render worse')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)
 @click.option('--w-avg-samples', type=int, default=10000, show_default=True)
 @click.option('--pti-steps', type=int, default=350, show_default=True, help='Tuning steps')
@@ -99,8 +101,8 @@ def fit_metrics(G: torch.nn.Module, ws: torch.Tensor, target: torch.Tensor, c: t
 @click.option('--overwrite', is_flag=True, help='Replace existing outputs')
 @inf.user_errors
 def main(network_pkl, adapter_paths, device, adapter_index, target, c_path, outdir, latent_path, full, num_steps,
-         encoder_path, encoder_iters, latent_space, w_avg_samples, pti_steps, pti_lr, lpips_kind, mse_weight, num_views,
-         yaw_range, pitch, fov_deg, neural_rendering_resolution, render_seed, overwrite):
+         encoder_path, encoder_iters, encoder_guard, latent_space, w_avg_samples, pti_steps, pti_lr, lpips_kind,
+         mse_weight, num_views, yaw_range, pitch, fov_deg, neural_rendering_resolution, render_seed, overwrite):
     """Project an image to a pivot, then tune the adapters (or, --full, the generator) on it."""
     from training import adapters
     import legacy
@@ -120,7 +122,8 @@ def main(network_pkl, adapter_paths, device, adapter_index, target, c_path, outd
 
     lpips_model = inf.build_lpips(lpips_kind, device)
     G = inf.load_generator(network_pkl, adapter_paths, device)
-    start = projector.EncoderStart.load(encoder_path, G, encoder_iters, device) if encoder_path else None  # base check
+    start = (projector.EncoderStart.load(encoder_path, G, encoder_iters, device, encoder_guard)  # base check
+             if encoder_path else None)
     if full and adapters.is_injected(G):
         inf.select_adapter(G, adapter_index)
         G = adapters.merge(G, index=adapter_index).to(device)  # tune the personalized weights as plain weights

@@ -10,8 +10,10 @@ Writes `<stem>_latent.npy` ([1, num_ws, w_dim], the identity dataset format) and
 `--w-avg-samples` mapped z), Adam with a cosine learning-rate ramp-up/ramp-down from 0.01, Gaussian
 noise on w scaled by w_std and decaying to zero in the first 75% of the steps, loss = LPIPS + MSE.
 With noise_mode='const' there are no per-layer noise maps to optimize, so no noise regularization.
-With `--encoder` (train_encoder.py), the start is the encoder's ReStyle estimate instead of w_avg;
-`--num-steps=0` keeps the encoder's estimate as it is (docs/encoder.md).
+With `--encoder` (train_encoder.py), the start is the encoder's ReStyle estimate instead of w_avg, and the
+optimisation starts without the w noise (ENCODER_START: the noise is there to explore away from w_avg, and from
+a good estimate it throws the estimate away; measured in docs/encoder.md); `--num-steps=0` keeps the encoder's
+estimate as it is.
 """
 
 import dataclasses
@@ -28,6 +30,11 @@ from tqdm import tqdm
 
 from training import inference as inf
 from training import encoder as encoders
+
+
+# (initial learning rate, initial w noise factor) by start. From w_avg: the EG3D/StyleGAN2 projector's values.
+W_AVG_START = (0.01, 0.05)
+ENCODER_START = (0.01, 0.0)
 
 
 @dataclasses.dataclass
@@ -78,8 +85,8 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
             latent_space: str = 'w',
             lpips_model: Optional[torch.nn.Module] = None,
             mse_weight: float = 1.0,
-            initial_learning_rate: float = 0.01,
-            initial_noise_factor: float = 0.05,
+            initial_learning_rate: Optional[float] = None,
+            initial_noise_factor: Optional[float] = None,
             lr_rampup_length: float = 0.05,
             lr_rampdown_length: float = 0.25,
             noise_ramp_length: float = 0.75,
@@ -93,9 +100,13 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
 
     `latent_space`: 'w' optimizes one w_dim vector shared by all layers, 'w_plus' one per layer.
     `w_init` ([1, num_ws, w_dim]) replaces the w_avg start (its layer mean is used for 'w').
+    `initial_learning_rate`, `initial_noise_factor`: None takes W_AVG_START's values, or ENCODER_START's with `w_init`.
     """
     if latent_space not in ('w', 'w_plus'):
         raise ValueError(f'latent_space must be w or w_plus, got {latent_space!r}')
+    default_lr, default_noise = W_AVG_START if w_init is None else ENCODER_START
+    initial_learning_rate = default_lr if initial_learning_rate is None else initial_learning_rate
+    initial_noise_factor = default_noise if initial_noise_factor is None else initial_noise_factor
     device = c.device
     n_ws = inf.num_ws(G)
     target = target.to(device)
@@ -192,21 +203,23 @@ class EncoderStart:
     w_avg: torch.Tensor             # [num_ws, w_dim]
     iters: int
     neural_rendering_resolution: Optional[int]
+    guard: bool = True              # no iteration may raise the image error (training.encoder.refine_guarded)
 
     @classmethod
-    def load(cls, path: str, G: torch.nn.Module, iters: Optional[int], device: torch.device) -> 'EncoderStart':
+    def load(cls, path: str, G: torch.nn.Module, iters: Optional[int], device: torch.device,
+             guard: bool = True) -> 'EncoderStart':
         """The encoder in `path` for G (refused with a clear error if it was trained for another generator)."""
         try:
             encoder, w_avg, info = encoders.load(path, G, device)
         except encoders.EncoderFileError as err:
             raise inf.InputError(f'--encoder: {err}') from err
-        return cls(encoder, w_avg, iters or int(info.get('iters', 5)), info.get('neural_rendering_resolution'))
+        return cls(encoder, w_avg, iters or int(info.get('iters', 5)), info.get('neural_rendering_resolution'), guard)
 
     def estimate(self, G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor,
                  neural_rendering_resolution: Optional[int], seed: int) -> torch.Tensor:
         """W+ [1, num_ws, w_dim] of the target after the encoder's ReStyle iterations."""
         return encoders.encode(G, self.encoder, self.w_avg, target, c, self.iters, neural_rendering_resolution,
-                               seed=seed)[-1].ws
+                               seed=seed, guard=self.guard)[-1].ws
 
 
 @click.command()
@@ -222,12 +235,16 @@ class EncoderStart:
 @click.option('--encoder', 'encoder_path', type=str, help='Encoder file (train_encoder.py): start from its estimate')
 @click.option('--encoder-iters', type=click.IntRange(min=1), default=None,
               help='ReStyle iterations of --encoder  [default: as it was trained]')
+@click.option('--encoder-guard/--no-encoder-guard', default=True, show_default=True,
+              help='Halve (or drop) an --encoder iteration that would make the render worse')
 @click.option('--latent-space', type=click.Choice(['w', 'w_plus']), default='w', show_default=True)
 @click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='vgg', show_default=True,
               help='LPIPS backbone; *-random only for tests')
 @click.option('--mse-weight', type=float, default=1.0, show_default=True)
-@click.option('--lr', 'initial_learning_rate', type=float, default=0.01, show_default=True)
-@click.option('--noise-factor', 'initial_noise_factor', type=float, default=0.05, show_default=True)
+@click.option('--lr', 'initial_learning_rate', type=float, default=None,
+              help=f'Initial learning rate  [default: {W_AVG_START[0]}; {ENCODER_START[0]} with --encoder]')
+@click.option('--noise-factor', 'initial_noise_factor', type=float, default=None,
+              help=f'Initial w noise, times w_std  [default: {W_AVG_START[1]}; {ENCODER_START[1]} with --encoder]')
 @click.option('--w-avg-samples', type=int, default=10000, show_default=True, help='z samples for w_avg / w_std')
 @click.option('--nrr', 'neural_rendering_resolution', type=int, default=None, help='Neural rendering resolution')
 @click.option('--seed', type=int, default=0, show_default=True)
@@ -235,7 +252,7 @@ class EncoderStart:
 @click.option('--device', default='auto', show_default=True)
 @inf.user_errors
 def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_path, num_steps, encoder_path,
-         encoder_iters, latent_space,
+         encoder_iters, encoder_guard, latent_space,
          lpips_kind, mse_weight, initial_learning_rate, initial_noise_factor, w_avg_samples,
          neural_rendering_resolution, seed, overwrite, device):
     """Invert aligned images with known cameras into W / W+ (writes <stem>_latent.npy)."""
@@ -248,7 +265,7 @@ def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_p
     G = inf.load_generator(network_pkl, adapter_paths, device)
     if adapter_index:
         inf.select_adapter(G, adapter_index)
-    start = EncoderStart.load(encoder_path, G, encoder_iters, device) if encoder_path else None
+    start = EncoderStart.load(encoder_path, G, encoder_iters, device, encoder_guard) if encoder_path else None
     if start is not None and neural_rendering_resolution is None:
         neural_rendering_resolution = start.neural_rendering_resolution  # render as the encoder was trained
     for job in tqdm(jobs, desc='images', disable=len(jobs) == 1):

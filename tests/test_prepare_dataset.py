@@ -228,3 +228,6 @@ def test_latents_can_start_from_an_encoder(tmp_path):
     c = torch.from_numpy(inf.label_for_image(tmp_path / 'out' / 'image_0.png')).unsqueeze(0)
     expected = encode(G, encoder, w_avg, inf.load_image(tmp_path / 'out' / 'image_0.png'), c, 2, 16)[-1].ws
     assert np.allclose(written, expected.numpy(), atol=1e-5)
+    import projector
+    projector_start = projector.w_statistics(G, c, 50)[0].expand(1, 14, -1)
+    assert not np.allclose(written, projector_start.numpy(), atol=1e-3)  # not the projector's own w_avg start

@@ -41,6 +41,24 @@ def test_projection_recovers_a_reachable_target_and_returns_w_plus_shape():
     assert not any(p.requires_grad for p in G.parameters())
 
 
+def test_schedule_defaults_follow_the_start():
+    """From w_avg the EG3D projector's noise ramp; from a given start (the encoder's estimate) no w noise."""
+    G = synthetic_identity.build_tiny_generator(0).eval().requires_grad_(False)
+    c = torch.from_numpy(synthetic_identity.camera_labels(1, seed=0))
+    target = torch.zeros(1, 3, G.img_resolution, G.img_resolution)
+    w_init = torch.randn(1, 14, 512, generator=torch.Generator().manual_seed(1))
+
+    def ws(**kwargs):
+        return projector.project(G, target, c, num_steps=3, latent_space='w_plus', w_avg_samples=200,
+                                 neural_rendering_resolution=16, progress=False, **kwargs).ws
+    assert projector.W_AVG_START == (0.01, 0.05) and projector.ENCODER_START[1] == 0
+    assert torch.equal(ws(), ws(initial_learning_rate=0.01, initial_noise_factor=0.05))
+    from_encoder = ws(w_init=w_init)
+    assert torch.equal(from_encoder, ws(w_init=w_init, initial_learning_rate=projector.ENCODER_START[0],
+                                        initial_noise_factor=0.0))
+    assert not torch.equal(from_encoder, ws(w_init=w_init, initial_noise_factor=0.05))
+
+
 def test_learning_rate_schedule_ramps_up_and_down():
     lrs = [projector.learning_rate(i, 100, 0.01, 0.05, 0.25) for i in range(100)]
     assert lrs[0] == 0 and max(lrs) == pytest.approx(0.01)
@@ -119,17 +137,25 @@ def test_cli_encoder_only_writes_the_encoder_estimate(tiny_identity, tmp_path):
     G = inf.load_generator(tiny_identity / 'base.pkl')
     path = encoder_file(G, tmp_path / 'encoder-000001.safetensors')
     image = tiny_identity / 'heldout' / 'image_0.png'
-    result = run(['--network', tiny_identity / 'base.pkl', '--target', image, '--outdir', tmp_path / 'out',
-                  '--encoder', path, '--num-steps=0', '--latent-space=w_plus', '--lpips=none',
-                  '--w-avg-samples=200', '--device=cpu'])
-    assert result.exit_code == 0, result.output
-    assert 'encoder (2 iterations)' in result.output
-    written = np.load(tmp_path / 'out' / 'image_0_latent.npy')
     encoder, w_avg, _ = load(str(path), G)
     c = torch.from_numpy(inf.label_for_image(image)).unsqueeze(0)  # the camera of dataset.json beside the image
-    expected = encode(G, encoder, w_avg, inf.load_image(image, G.img_resolution), c, 2, 16)[-1].ws
-    assert np.allclose(written, expected.numpy(), atol=1e-5)
-    assert not np.allclose(written, w_avg.numpy()[None])
+    target = inf.load_image(image, G.img_resolution)
+    for guard, flags in ((False, ['--no-encoder-guard']), (True, [])):
+        result = run(['--network', tiny_identity / 'base.pkl', '--target', image, '--outdir', tmp_path / f'out{guard}',
+                      '--encoder', path, '--num-steps=0', '--latent-space=w_plus', '--lpips=none',
+                      '--w-avg-samples=200', '--device=cpu', *flags])
+        assert result.exit_code == 0, result.output
+        assert 'encoder (2 iterations)' in result.output
+        written = np.load(tmp_path / f'out{guard}' / 'image_0_latent.npy')
+        expected = encode(G, encoder, w_avg, target, c, 2, 16, guard=guard)[-1].ws
+        assert np.allclose(written, expected.numpy(), atol=1e-5)
+        if not guard:
+            assert not np.allclose(written, w_avg.numpy()[None])  # the raw residuals of the random heads move it
+    with torch.no_grad():
+        error = [float((inf.render(G, torch.from_numpy(np.load(tmp_path / f'out{guard}' / 'image_0_latent.npy')), c,
+                                   16, seed=0) - target).square().mean()) for guard in (False, True)]
+        start = float((inf.render(G, w_avg[None], c, 16, seed=0) - target).square().mean())
+    assert error[1] <= min(error[0], start)                                 # the guarded estimate is never worse
 
 
 def test_cli_encoder_of_another_generator_is_refused(tiny_identity, tmp_path):

@@ -6,6 +6,11 @@
 Every step sees the photo and what the current latent renders from the photo's camera, and corrects
 the latent by a residual. The renders fed back are detached: each iteration learns its own correction
 (ReStyle trains the same way).
+
+At inference the guard (`refine_guarded`, on by default in `encode`) keeps every iteration from making the
+render worse: y_i is rendered anyway (it is the next iteration's input), so its error against the photo is
+known for free; a residual that raises it is halved and rendered again (a few times at most), and if no
+fraction helps the photo's estimate stays where it was.
 """
 
 import dataclasses
@@ -57,15 +62,63 @@ def refine(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: t
     return out
 
 
+def image_error(image: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+    """Per-photo mean squared error [N] of renders [N, 3, R, R] against the photos (the projector's MSE term)."""
+    return (image.float() - photo.float()).square().mean(dim=[1, 2, 3])
+
+
+@torch.no_grad()
+def refine_guarded(encoder: torch.nn.Module, render: RenderFn, photo: torch.Tensor, c: torch.Tensor,
+                   w_start: torch.Tensor, iters: int, max_halvings: int = 3) -> List[Iteration]:
+    """`refine` at inference with a monotone guard: the image error against the photo never rises.
+
+    Each photo's residual is tried at step 1, 1/2, .., 1/2**max_halvings; the first step whose render lowers
+    the error is taken (a step that helps at once costs nothing over `refine`, each rejected try one render).
+    If none helps, the photo's latent and render stay, and its later iterations are skipped: the encoder and
+    the renderer are deterministic, so they would only propose the same rejected residual again.
+    """
+    if iters < 1:
+        raise ValueError(f'iters must be >= 1, got {iters}')
+    if max_halvings < 0:
+        raise ValueError(f'max_halvings must be >= 0, got {max_halvings}')
+    ws = w_start.detach().clone()
+    image = render(ws, c)
+    error = image_error(image, photo)
+    out = [Iteration(ws=ws, image=image)]
+    moving = torch.arange(len(photo), device=photo.device)       # photos whose last iteration was accepted
+    for _ in range(iters):
+        ws, image, error = ws.clone(), image.clone(), error.clone()
+        pending = moving
+        residual = encoder(photo[pending], image[pending], c[pending]) if len(pending) else None
+        step = 1.0
+        for _ in range(max_halvings + 1):
+            if len(pending) == 0:
+                break
+            trial_ws = ws[pending] + step * residual
+            trial_image = render(trial_ws, c[pending])
+            trial_error = image_error(trial_image, photo[pending])
+            better = trial_error < error[pending]
+            taken = pending[better]
+            ws[taken], image[taken], error[taken] = trial_ws[better], trial_image[better], trial_error[better]
+            pending, residual = pending[~better], residual[~better]
+            step /= 2
+        moving = moving[~torch.isin(moving, pending)]
+        out.append(Iteration(ws=ws, image=image))
+    return out
+
+
 @torch.no_grad()
 def encode(G: torch.nn.Module, encoder: torch.nn.Module, w_avg: torch.Tensor, photo: torch.Tensor, c: torch.Tensor,
            iters: int, neural_rendering_resolution: Optional[int] = None, w_init: Optional[torch.Tensor] = None,
-           seed: int = 0) -> List[Iteration]:
+           seed: int = 0, guard: bool = True) -> List[Iteration]:
     """Inference: `iters` iterations for photos [N, 3, R, R] in [-1, 1] with cameras [N, 25], from w_avg or `w_init`;
-    every render uses the renderer seed `seed` (as the projector's renders)."""
+    every render uses the renderer seed `seed` (as the projector's renders). `guard`: never let an iteration
+    raise the image error (`refine_guarded`); False gives ReStyle's plain iterations (`refine`)."""
     from training import inference as inf
 
     def render(ws: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
         return inf.render(G, ws, cams, neural_rendering_resolution, seed=seed).float()
     w_start = start_latent(w_avg, photo.shape[0], w_init)
+    if guard:
+        return refine_guarded(encoder, render, photo, c, w_start, iters)
     return refine(encoder, render, photo, c, w_start, iters)

@@ -1,8 +1,9 @@
 """training/encoder/restyle.py: ReStyle iterations (photo ++ current render -> residual added to the current W+)."""
+import pytest
 import torch
 
 from encoder_testlib import NUM_WS, W_DIM, fake_render, tiny_encoder
-from training.encoder import refine, start_latent
+from training.encoder import image_error, refine, refine_guarded, start_latent
 
 
 class RecordingEncoder(torch.nn.Module):
@@ -68,3 +69,65 @@ def test_last_render_can_be_skipped():
     assert len(renders) == 3  # y_0, y_1, y_2: the inputs of iterations 1..3
     assert states[3].image is None and states[2].image is not None
     assert torch.equal(renders[-1], states[2].ws)
+
+
+def line_toy(step_factor: float, photos: int = 1):
+    """A photo rendered from w_true, and an encoder that always proposes `step_factor` times the way from w_0 to
+    w_true: along that line the error falls up to w_true and rises past it (the toy's render is monotone)."""
+    torch.manual_seed(0)
+    w_start = torch.zeros(photos, NUM_WS, W_DIM)
+    w_true = torch.randn(photos, NUM_WS, W_DIM)
+    c = torch.randn(photos, 25) * 0.1
+    photo = fake_render(w_true, c)
+    return RecordingEncoder(step_factor * (w_true - w_start)), photo, c, w_start
+
+
+def errors(states, photo):
+    return torch.stack([image_error(s.image, photo) for s in states])  # [iters + 1, N]
+
+
+def test_guard_keeps_the_error_from_rising_where_the_raw_step_overshoots():
+    encoder, photo, c, w_start = line_toy(step_factor=1.5)
+    raw = errors(refine(encoder, fake_render, photo, c, w_start, iters=5), photo)[:, 0]
+    assert (raw[1:] > raw[:-1]).any()                                 # the toy overshoots without the guard
+    encoder.calls.clear()
+    guarded = errors(refine_guarded(encoder, fake_render, photo, c, w_start, iters=5), photo)[:, 0]
+    assert (guarded[1:] <= guarded[:-1]).all()
+    assert guarded[-1] < 0.5 * guarded[0]                             # a halved step still helps
+    assert guarded[-1] < raw[-1]
+    assert len(encoder.calls) < 5                                     # a stalled photo stops asking the encoder
+
+
+def test_guard_changes_nothing_while_every_raw_step_helps():
+    encoder, photo, c, w_start = line_toy(step_factor=0.15)
+    renders = []
+
+    def counting_render(ws, cams):
+        renders.append(ws)
+        return fake_render(ws, cams)
+    raw = refine(encoder, fake_render, photo, c, w_start, iters=5)
+    guarded = refine_guarded(encoder, counting_render, photo, c, w_start, iters=5)
+    for a, b in zip(raw, guarded):
+        assert torch.equal(a.ws, b.ws) and torch.equal(a.image, b.image)
+    assert len(renders) == 6                                          # no extra render: y_0 and y_1..y_5
+
+
+def test_guard_treats_each_photo_of_a_batch_on_its_own():
+    encoder = tiny_encoder().eval()
+    torch.manual_seed(1)
+    photo, c = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 25)
+    w_start = torch.zeros(3, NUM_WS, W_DIM)
+    batch = refine_guarded(encoder, fake_render, photo, c, w_start, iters=4)
+    assert (errors(batch, photo).diff(dim=0) <= 0).all()
+    for n in range(3):
+        alone = refine_guarded(encoder, fake_render, photo[n:n + 1], c[n:n + 1], w_start[n:n + 1], iters=4)
+        for a, b in zip(alone, batch):
+            assert torch.allclose(a.ws[0], b.ws[n], atol=1e-5)
+
+
+def test_guard_refuses_bad_settings():
+    encoder, photo, c, w_start = line_toy(step_factor=1.0)
+    with pytest.raises(ValueError, match='iters'):
+        refine_guarded(encoder, fake_render, photo, c, w_start, iters=0)
+    with pytest.raises(ValueError, match='max_halvings'):
+        refine_guarded(encoder, fake_render, photo, c, w_start, iters=1, max_halvings=-1)
