@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/encoder.py --kimg 0.4 --replay 48 --lr 5e-4 --threads 2
     .venv/bin/python bench/encoder.py --encoder RUN/encoder-000000.400.safetensors --project 1   # evaluate only
+    .venv/bin/python bench/encoder.py --resume RUN/encoder-000000.400.safetensors --kimg 0.8 ...  # train on
     .venv/bin/python bench/encoder.py --kimg 4 --replay 32 --project 4 --batch-gpu 4 --device cuda    # on a GPU
 
 1. Train an encoder for the demo base (networks/demo-heads.pkl, the tiny EG3D that renders the procedural
@@ -118,10 +119,11 @@ def train(args: argparse.Namespace, base_pkl: str, outdir: str):
                            kimg_per_tick=2 * args.batch / 1000, snapshot_ticks=args.snap, batch_size=args.batch,
                            batch_gpu=args.batch_gpu, iters=args.iters, lr=args.lr, lpips_net='none',
                            loss_weights=weights, psi_range=PSI_RANGE, neural_rendering_resolution=NRR,
-                           replay=args.replay,
-                           replay_size=args.replay_size, device=args.device, progress_bar=False)
+                           replay=args.replay, replay_size=args.replay_size, device=args.device,
+                           resume=args.resume, progress_bar=False)
     train_wall, train_cpu = time.time() - t0, cpu_seconds() - c0
-    print(f'Training took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
+    part = ' (this part)' if args.resume else ''
+    print(f'Training{part} took {train_wall:.0f} s wall, {train_cpu:.0f} s CPU ({train_cpu / 60:.1f} CPU minutes)',
           flush=True)
     return result['encoder'].eval().requires_grad_(False), result['w_avg']
 
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument('--snap', type=int, default=25, help='encoder file every SNAP ticks of 2 steps')
     parser.add_argument('--base', default=str(DEFAULT_BASE), help='the demo base pickle')
     parser.add_argument('--encoder', default=None, help='evaluate this encoder file of the demo base (no training)')
+    parser.add_argument('--resume', default=None, help='continue this bench run\'s encoder file (its training state '
+                        'beside it) up to --kimg, as the uninterrupted run would, with the same options')
     parser.add_argument('--outdir', default=None, help='keep the run here (default: a temp folder)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
