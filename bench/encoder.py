@@ -110,7 +110,9 @@ def images_per_second(fn, repeats: int) -> float:
 
 def train(args: argparse.Namespace, base_pkl: str, outdir: str):
     """(encoder, w_avg) trained for the stated budget with train_encoder.py's training loop."""
-    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else LATENT_ONLY
+    weights = dict(image=1.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.5) if args.image_loss else dict(LATENT_ONLY)
+    if args.converged is not None:
+        weights['converged'] = args.converged
     print(f'Training: {args.kimg:g} kimg, batch {args.batch} in passes of {args.batch_gpu}, {args.iters} ReStyle '
           f'iterations, replay {args.replay} (buffers of {args.replay_size}), lr {args.lr:g}, weights {weights}, '
           f'{args.threads} thread(s)', flush=True)
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument('--replay-size', type=int, default=2048, help='examples the replay buffers keep')
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--image-loss', action='store_true', help='also backpropagate the image loss through G')
+    parser.add_argument('--converged', type=float, default=None,
+                        help='weight of the converged term (default: the loss default; replay keeps its examples)')
     parser.add_argument('--heldout', type=int, default=8, help='held-out generator samples')
     parser.add_argument('--project', type=int, default=1, help='images per set for the projector comparison')
     parser.add_argument('--w-avg-samples', type=int, default=2000)
