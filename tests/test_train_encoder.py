@@ -41,6 +41,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_identity, tmp_path):
     assert not all(np.array_equal(a[k].numpy(), load_file(str(half))[k].numpy()) for k in a)  # it did train
     log = (resumed.parent / 'log.txt').read_text()
     assert 'Restored optimizer state' in log
+    assert 'by heart' not in log  # --replay=1 with 2 iterations: a third of a draw per example
 
 
 def write_bad_folder(folder, base_pkl):
@@ -99,3 +100,12 @@ def test_an_unknown_training_option_is_an_error(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'kimg'"):
         training_loop(run_dir=str(tmp_path), network_pkl='never-read.pkl', kimg=1, device='cpu')
     assert not (tmp_path / 'log.txt').exists()
+
+
+def test_a_replay_that_memorizes_is_warned_about(tiny_identity, tmp_path):
+    memorizing = [a for a in FAST if not a.startswith('--replay')] + ['--replay=7']  # 7 / (2 + 1) draws per example
+    result = run(['--network', tiny_identity / 'base.pkl', '--outdir', tmp_path / 'runs', '--kimg=0.001', *memorizing])
+    assert result.exit_code == 0, result.output
+    log, = (tmp_path / 'runs').glob('*/log.txt')
+    assert 'draws each stored example about 2.3 times' in log.read_text()
+    assert 'Use --replay=6 or less' in log.read_text()

@@ -8,6 +8,10 @@ costs (a G forward per example); the encoder update is cheap. The buffer keeps t
 Each photo also adds its converged example (the photo as its own render, at its true latent: residual
 zero), as the `converged` loss term does; without it early buffers hold only inputs near w_avg.
 The buffer is part of the training state, so a resumed run still continues exactly.
+
+Replay trades generalization for updates: an example drawn many times is learnt by heart. Measured on the demo
+base (docs/benchmarks.md, encoder round 5): at 8 draws per example the encoder fitted the buffer three times
+better than fresh photos and got worse the longer it trained; at 1.3 draws it did not, and it was 2-4x better.
 """
 
 from typing import Dict, List
@@ -20,6 +24,18 @@ from training.encoder.loss import latent_loss
 from training.encoder.restyle import Iteration
 
 FIELDS = ('inputs', 'cameras', 'ws', 'targets')
+# Above this many draws per stored example the training loop warns that the encoder will memorize the buffer.
+MEMORIZING_DRAWS = 2.0
+
+
+def draws_per_example(replay: int, iters: int) -> float:
+    """How often a stored example is drawn, on average, before a full buffer drops it.
+
+    Each photo whose latent is known adds iters + 1 examples per step, and each of the `replay` updates draws one
+    example per photo, whatever the capacity (a larger buffer keeps an example longer but draws it less often).
+    Photos without a latent add nothing, so mixed data draws the known ones more often than this.
+    """
+    return replay / (iters + 1)
 
 
 class ReplayBuffer:

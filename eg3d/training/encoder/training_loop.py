@@ -27,7 +27,7 @@ from training.encoder import files, restyle
 from training.encoder.data import FolderSet, generator_batch, sample_cameras
 from training.encoder.loss import EncoderLoss, LossWeights
 from training.encoder.networks import EncoderConfig, W3DEncoder
-from training.encoder.replay import ReplayBuffer
+from training.encoder.replay import MEMORIZING_DRAWS, ReplayBuffer, draws_per_example
 from training.snapshots import kimg_tag
 from training.train_step import all_reduce_gradients, chunk_seed
 
@@ -158,6 +158,11 @@ def training_loop(
                 'uninterrupted one).')
     log(f'Encoder: {sum(p.numel() for p in params):,} parameters, input {encoder.config.input_resolution}px, '
         f'W+ [{num_ws}, {w_dim}]; generator renders {G.img_resolution}px (neural rendering {nrr}px).')
+    draws = draws_per_example(replay, iters)
+    if draws > MEMORIZING_DRAWS:
+        log(f'Warning: --replay={replay} with {iters} iterations draws each stored example about {draws:.1f} times; '
+            f'above {MEMORIZING_DRAWS:g} the encoder learns the buffer by heart instead of the problem '
+            f'(docs/encoder.md, "Replay"). Use --replay={int(MEMORIZING_DRAWS * (iters + 1))} or less.')
 
     arcface = None
     if id_model:

@@ -2,7 +2,7 @@
 import torch
 
 from encoder_testlib import NUM_WS, W_DIM, fake_render, tiny_encoder
-from training.encoder.replay import ReplayBuffer
+from training.encoder.replay import ReplayBuffer, draws_per_example
 from training.encoder.restyle import Iteration
 
 
@@ -57,3 +57,39 @@ def test_update_trains_the_latent_residual_of_stored_examples():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+class DrawCounter(torch.nn.Module):
+    """A stand-in encoder that predicts no residual and counts the examples it is shown, by the id each example
+    carries in its camera's first entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.draws = {}
+
+    def forward(self, photo, reconstruction, c):
+        for example in c[:, 0].tolist():
+            self.draws[int(example)] = self.draws.get(int(example), 0) + 1
+        return self.anchor * torch.zeros(len(c), NUM_WS, W_DIM)
+
+
+def test_draws_per_example_is_what_a_full_buffer_draws():
+    iters, replay, photos_per_step = 2, 6, 2
+    buffer = ReplayBuffer(capacity=30, input_resolution=8)
+    counter, next_id, dropped = DrawCounter(), 0, []
+    for step in range(200):
+        ids = torch.arange(next_id, next_id + photos_per_step, dtype=torch.float32)
+        next_id += photos_per_step
+        c = torch.zeros(photos_per_step, 25)
+        c[:, 0] = ids  # every example of this photo (its iterations and its converged one) carries the photo's id
+        before = set(buffer.data['cameras'][:, 0].tolist()) if len(buffer) else set()
+        buffer.add(torch.zeros(photos_per_step, 3, 8, 8), c, states_of([torch.zeros(photos_per_step, NUM_WS, W_DIM)]
+                   * (iters + 1), c), torch.zeros(photos_per_step, NUM_WS, W_DIM), torch.ones(photos_per_step, dtype=bool))
+        dropped += [int(i) for i in before - set(buffer.data['cameras'][:, 0].tolist())]
+        for r in range(replay):
+            buffer.update(counter, photos_per_step, seed=step * replay + r, device=torch.device('cpu'))
+    late = [i for i in dropped if i >= 40]  # photos added once the buffer was full, and dropped since
+    per_example = sum(counter.draws.get(i, 0) for i in late) / (len(late) * (iters + 1))
+    assert len(late) > 300
+    assert abs(per_example - draws_per_example(replay, iters)) < 0.1 * draws_per_example(replay, iters)
