@@ -12,8 +12,8 @@ noise on w scaled by w_std and decaying to zero in the first 75% of the steps, l
 With noise_mode='const' there are no per-layer noise maps to optimize, so no noise regularization.
 With `--encoder` (train_encoder.py), the start is the encoder's ReStyle estimate instead of w_avg, and the
 optimisation starts without the w noise (ENCODER_START: the noise is there to explore away from w_avg, and from
-a good estimate it throws the estimate away; measured in docs/encoder.md); `--num-steps=0` keeps the encoder's
-estimate as it is.
+a good estimate it throws the estimate away) and at twice the rate (measured in docs/encoder.md); it then needs
+no w statistics, so none are sampled. `--num-steps=0` keeps the encoder's estimate as it is.
 """
 
 import dataclasses
@@ -34,7 +34,7 @@ from training import encoder as encoders
 
 # (initial learning rate, initial w noise factor) by start. From w_avg: the EG3D/StyleGAN2 projector's values.
 W_AVG_START = (0.01, 0.05)
-ENCODER_START = (0.01, 0.0)
+ENCODER_START = (0.02, 0.0)
 
 
 @dataclasses.dataclass
@@ -110,7 +110,9 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
     device = c.device
     n_ws = inf.num_ws(G)
     target = target.to(device)
-    w_avg, w_std = w_statistics(G, c, w_avg_samples)
+    # The w_avg start needs the mean; the noise ramp needs the spread; an encoder start without noise needs neither.
+    needs_statistics = w_init is None or initial_noise_factor > 0
+    w_avg, w_std = w_statistics(G, c, w_avg_samples) if needs_statistics else (None, 0.0)
     if w_init is not None:
         start = w_init.to(device).mean(1, keepdim=True) if latent_space == 'w' else w_init.to(device)
     else:

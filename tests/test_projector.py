@@ -59,6 +59,26 @@ def test_schedule_defaults_follow_the_start():
     assert not torch.equal(from_encoder, ws(w_init=w_init, initial_noise_factor=0.05))
 
 
+def test_an_encoder_start_without_noise_samples_no_w_statistics(monkeypatch):
+    """Only the w_avg start and the noise ramp read w_avg / w_std: the encoder start skips the mapping samples."""
+    G = synthetic_identity.build_tiny_generator(0).eval().requires_grad_(False)
+    c = torch.from_numpy(synthetic_identity.camera_labels(1, seed=0))
+    target = torch.zeros(1, 3, G.img_resolution, G.img_resolution)
+    w_init = torch.randn(1, 14, 512, generator=torch.Generator().manual_seed(1))
+    calls = []
+    sample = projector.w_statistics
+    monkeypatch.setattr(projector, 'w_statistics', lambda *args, **kwargs: calls.append(1) or sample(*args, **kwargs))
+
+    def project(**kwargs):
+        return projector.project(G, target, c, num_steps=2, latent_space='w_plus', w_avg_samples=200,
+                                 neural_rendering_resolution=16, progress=False, **kwargs)
+    result = project(w_init=w_init)
+    assert calls == [] and result.final_loss < result.initial_loss
+    project(w_init=w_init, initial_noise_factor=0.05)
+    project()
+    assert calls == [1, 1]
+
+
 def test_learning_rate_schedule_ramps_up_and_down():
     lrs = [projector.learning_rate(i, 100, 0.01, 0.05, 0.25) for i in range(100)]
     assert lrs[0] == 0 and max(lrs) == pytest.approx(0.01)
