@@ -19,6 +19,7 @@ order, the correctness checks before the benchmarks, so that a short budget drop
   adapters_speed       bench/adapters.py --config ffhq512 --device cuda --batch 4 (target >= 1.5x full fine-tuning)
   train_step_memory    bench/train_step.py --config ffhq512 --batch 4 --device cuda (LoRA peak <= 60% of full)
   multi_identity_speed bench/multi_identity.py --config ffhq512 --device cuda (K = 16 in one run >= 3x sequential)
+  encoder_speed        bench/encoder_speed.py --config ffhq512 --device cuda (the encoder's images/s; reported, no target)
 
 --dry-run runs the same steps on the CPU at tiny sizes (CUDA-only steps skipped with the reason); there
 a benchmark passes when it ran and its figure was read, and its target is not judged.
@@ -266,6 +267,26 @@ def multi_identity_step(dry_run: bool, lpips: str) -> Step:
                                                       '--lpips', lpips]], 200, judge)
 
 
+def encoder_speed_step(dry_run: bool) -> Step:
+    args = ['--config', 'tiny', '--repeats', '1', '--batch', '2'] if dry_run else ['--config', 'ffhq512', '--device',
+                                                                                  'cuda', '--repeats', '10']
+
+    def judge(result: StepOutput) -> Verdict:
+        failure = command_failed(result)
+        if failure:
+            return failure
+        network = find_row(result.output, 'measurement', lambda m: m == 'encoder network, batch 1')
+        raw = find_row(result.output, 'measurement', lambda m: 'inversion' in m and ', raw,' in m)
+        guarded = find_row(result.output, 'measurement', lambda m: 'inversion' in m and ', guarded,' in m)
+        figure = (f"encoder network {network['images/s']} images/s; 5-iteration inversion {raw['images/s']} images/s "
+                  f"raw, {guarded['images/s']} guarded (batch 1)")
+        reason = 'dry run: tiny size on the CPU, target not judged' if dry_run else 'issue 16 asks for the figure only'
+        return Verdict('pass', figure, None, reason)
+
+    return Step('encoder_speed', 'encoder inference at FFHQ 512 (bench/encoder_speed.py)', 'reported (no target)',
+                [[PY, 'bench/encoder_speed.py', *args]], 120, judge)
+
+
 def build_steps(work: str, out: str, dry_run: bool, lpips: str) -> List[Step]:
     cuda_only = 'CUDA only: the compiled kernels need a GPU (the file\'s CPU part runs in the test suite)' if dry_run else None
     return [
@@ -281,6 +302,7 @@ def build_steps(work: str, out: str, dry_run: bool, lpips: str) -> List[Step]:
         adapters_step(dry_run),
         train_step_step(dry_run, lpips),
         multi_identity_step(dry_run, lpips),
+        encoder_speed_step(dry_run),
     ]
 
 #----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import suite_runner  # noqa: E402
 from suite_runner import Step, Verdict  # noqa: E402
 
 CHECKS = ['cuda_ops_tests', 'golden_on_cuda', 'fp16_adapters', 'train_and_render', 'ops_speed', 'adapters_speed',
-          'train_step_memory', 'multi_identity_speed']
-BENCHMARKS = ['ops_speed', 'adapters_speed', 'train_step_memory', 'multi_identity_speed']
+          'train_step_memory', 'multi_identity_speed', 'encoder_speed']
+BENCHMARKS = ['ops_speed', 'adapters_speed', 'train_step_memory', 'multi_identity_speed', 'encoder_speed']
 
 
 def python(code: str) -> list:
@@ -161,6 +161,16 @@ def test_gpu_judges_compare_figures_with_targets(tmp_path):
     assert verdict(multi, 'Traceback: CUDA out of memory').status == 'fail'
     crashed = suite_runner.judge_output(multi, suite_runner.StepOutput(1, 'CUDA out of memory', False, 1.0))
     assert (crashed.status, crashed.reason) == ('fail', 'exit status 1')
+
+    encoder = gpu_suite.encoder_speed_step(dry_run=False)
+    table = ('| measurement | images/s | ms per image |\n|---|---:|---:|\n| encoder network, batch 1 | 310.00 | 3.2 |\n'
+             '| encoder network, batch 8 | 900.00 | 1.1 |\n'
+             '| 5-iteration inversion with its renders, raw, batch 1 | 4.10 | 243.9 |\n'
+             '| 5-iteration inversion with its renders, guarded, batch 1 | 2.05 | 487.8 |\n')
+    reported = verdict(encoder, table)
+    assert (reported.status, reported.target_met) == ('pass', None)
+    assert reported.figure == 'encoder network 310.00 images/s; 5-iteration inversion 4.10 images/s raw, 2.05 guarded (batch 1)'
+    assert verdict(encoder, 'Traceback: CUDA out of memory').status == 'fail'
 
 
 def test_rows_are_read_from_the_table_with_the_asked_columns():
