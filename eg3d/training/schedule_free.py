@@ -29,7 +29,8 @@ class ScheduleFreeAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_sum=0.0))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: None = None) -> None:
+        """One step of every group from the gradients at y (the parameters), which then hold the next y."""
         if closure is not None:
             raise ValueError('ScheduleFreeAdam.step takes no closure')
         for group in self.param_groups:
