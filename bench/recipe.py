@@ -44,6 +44,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from training import recipe as recipes  # noqa: E402  (needs the path above)
 from training import synthetic_identity as si  # noqa: E402
 
+# Schedule-free Adam (training/schedule_free.py) in the default's place: constant rate after the warm-up, no EMA.
+SCHEDULE_FREE = dict(optimizer='schedulefree', decay='constant', final_lr=1.0, ema_half_life=None, ema_rampup=None)
+
 # Ablations of the default recipe: one change each.
 VARIANTS = {
     'adapter-b1': dict(b_lr_ratio=1.0),                        # no LoRA+
@@ -55,6 +58,17 @@ VARIANTS = {
     'adapter-v1': dict(lr=0.01, warmup=0.05, ema_half_life=None, ema_rampup=None),  # the first default (no EMA)
     'adapter-ginit': dict(init='gradient', init_passes=2),      # A from the first batch's weight gradients
     'adapter-ginit-lr0.005': dict(init='gradient', init_passes=2, lr=0.005),  # the same with a quarter of the rate
+    'adapter-beta2-0.9': dict(betas=(0.9, 0.9)),              # a faster second-moment estimate
+    'adapter-beta2-0.95': dict(betas=(0.9, 0.95)),
+    'adapter-b8-lr0.01': dict(b_lr_ratio=8.0, lr=0.01),        # LoRA+ 8 at the same B rate, A at half
+    'adapter-b8-lr0.015': dict(b_lr_ratio=8.0, lr=0.015),      # LoRA+ 8, B at 1.5x, A at 0.75x
+    'adapter-ema2.5': dict(ema_half_life=0.025),               # half the EMA's half-life (1.5 steps here)
+    'adapter-sf': dict(SCHEDULE_FREE),                         # schedule-free Adam: its average replaces decay + EMA
+    'adapter-sf-lr0.04': dict(SCHEDULE_FREE, lr=0.04),
+    'adapter-sf-beta1-0.95': dict(SCHEDULE_FREE, betas=(0.95, 0.99)),  # y nearer the average
+    'adapter-sf-lr0.01': dict(SCHEDULE_FREE, lr=0.01),
+    'adapter-sf-warmup0.2': dict(SCHEDULE_FREE, warmup=0.2),
+    'adapter-sf-b2': dict(SCHEDULE_FREE, b_lr_ratio=2.0),      # B at 0.04: z has no momentum to damp its steps
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }

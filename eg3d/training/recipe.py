@@ -2,7 +2,8 @@
 
 A recipe is plain data (`Recipe`, serialisable to a dict for training_options.json):
 
-  optimizer = make_optimizer(G, trainable, recipe)    # Adam; LoRA+ puts the B factors in their own group
+  optimizer = make_optimizer(G, trainable, recipe)    # Adam (or schedule-free Adam); LoRA+ puts the B
+                                                      # factors in their own group
   per step:   set_learning_rate(optimizer, recipe, cur_nimg, total_nimg)   # warm-up, then decay
               clip_gradients(trainable, recipe)        # after the all-reduce, before the step
 
@@ -16,7 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from training.schedule_free import ScheduleFreeAdam
+
 DECAYS = ('constant', 'cosine')
+OPTIMIZERS = ('adam', 'schedulefree')
 INITS = ('random', 'gradient')
 
 
@@ -39,6 +43,8 @@ class Recipe:
     init: str = 'random'                 # adapters' start: 'random' (PEFT's: A random, B = 0) or 'gradient' (A from
                                          # the first batch's weight gradients, training/gradient_init.py; B = 0)
     init_passes: int = 2                 # init='gradient': forward/backward passes on the first batch (no new images)
+    optimizer: str = 'adam'              # 'adam', or 'schedulefree' (training/schedule_free.py: its own average
+                                         # replaces the decay and the EMA, so decay='constant' and no EMA)
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +70,11 @@ class Recipe:
             problems.append(f'init must be one of {INITS}, got {self.init!r}')
         if not (isinstance(self.init_passes, int) and self.init_passes >= 1):
             problems.append(f'init_passes must be an integer >= 1, got {self.init_passes!r}')
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f'optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}')
+        if self.optimizer == 'schedulefree' and (self.decay != 'constant' or self.ema_half_life is not None):
+            problems.append('optimizer=schedulefree averages the iterates itself: it needs decay=constant and '
+                            'ema_half_life=None')
         if problems:
             raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
@@ -107,8 +118,9 @@ def _is_b_factor(name: str) -> bool:
     return name.endswith('.lora_B')
 
 
-def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Adam:
-    """Adam over `trainable` (in that order). Each group records `lr_scale`, its rate relative to recipe.lr.
+def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    """Adam (or schedule-free Adam) over `trainable` (in that order). Each group records `lr_scale`, its rate
+    relative to recipe.lr.
 
     With b_lr_ratio != 1 (LoRA+) the B factors of the adapters get their own group; otherwise there
     is one group, exactly the optimizer EG3D builds.
@@ -121,6 +133,8 @@ def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], reci
         groups = [g for g in groups if g['params']]
     for group in groups:
         group['lr'] = recipe.lr * group['lr_scale']
+    if recipe.optimizer == 'schedulefree':
+        return ScheduleFreeAdam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
     return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
 
 

@@ -22,7 +22,6 @@ import torch
 import dnnlib
 import legacy
 from torch_utils import misc
-from training import adapter_ema
 from training import adapters
 from training import recipe as recipes
 from training import validation
@@ -165,7 +164,7 @@ class Snapshots:
         if self.data.val_set is None:
             return None
         o = self.options
-        with adapter_ema.applied(self.trainables.ema):
+        with self.trainables.averaged():
             scores = [validation.score_views(self.G, self.data.val_set, self.loss_fn,
                                              self.neural_rendering_resolution, self.start.random_seed, self.device,
                                              batch=o.batch_gpu)
@@ -182,7 +181,7 @@ class Snapshots:
             misc.check_ddp_consistency(self.G, ignore_regex=r'.*\.[^.]+_(avg|ema)')
         if self.rank != 0:
             return
-        with adapter_ema.applied(self.trainables.ema):
+        with self.trainables.averaged():
             self._save_network(tag, cur_nimg, step)
             self._save_adapters(tag, self.data.identity_names)
         allocator, ema = self.trainables.allocator, self.trainables.ema

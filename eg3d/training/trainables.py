@@ -6,6 +6,7 @@ Every process builds the same: rank 0's weights are broadcast, and the processes
 parameters train.
 """
 
+import contextlib
 import dataclasses
 from typing import List, Optional
 
@@ -17,6 +18,7 @@ from training import adapters
 from training import recipe as recipes
 from training.adapters.inject import adapter_layers
 from training.run_log import RunLog
+from training.schedule_free import ScheduleFreeAdam
 
 
 @dataclasses.dataclass
@@ -26,6 +28,13 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     allocator: Optional[adapters.RankAllocator]  # AdaLoRA only
     ema: Optional[adapter_ema.AdapterEMA]  # with an EMA, validation and every file see the average
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Inside, the trained tensors hold what validation scores and files keep: the EMA, or schedule-free
+        Adam's average x, or (neither) the weights themselves."""
+        if isinstance(self.optimizer, ScheduleFreeAdam):
+            return self.optimizer.averaged()
+        return adapter_ema.applied(self.ema)
 
 
 def set_full_finetuning(G: torch.nn.Module, freeze_render: bool) -> list:
@@ -85,6 +94,9 @@ def build_trainables(G: torch.nn.Module, adapter_config: Optional[dict], freeze_
     G.to(device).train()
     if num_gpus > 1:
         _check_processes_agree(G, num_gpus)
+    if recipe.optimizer == 'schedulefree' and config is not None and config.adalora:
+        raise ValueError(f'recipe {recipe.name!r}: optimizer=schedulefree cannot train AdaLoRA (its masks would '
+                         f'change the gradient point, not the average); use an Adam recipe')
     optimizer = recipes.make_optimizer(G, params, recipe)
     log(f'Recipe {recipe.name}: {recipe.to_dict()}')
     allocator = adapters.RankAllocator(G, config) if (config is not None and config.adalora) else None

@@ -55,3 +55,11 @@ def test_the_speed_up_is_counted_in_images_and_in_compute_with_the_init_passes()
     assert (run['reach_images'], run['speedup']) == (16, 6.0)
     assert (run['reach_passes'], run['speedup_compute']) == (8 + passes, 48 / (8 + passes))
     assert summary['my3dgen']['runs'][0]['speedup_compute'] == 1.0
+
+
+def test_every_variant_is_a_valid_recipe_that_differs_from_the_default():
+    default = bench_recipe.get_recipe('adapter')
+    for name in bench_recipe.VARIANTS:
+        recipe = bench_recipe.get_recipe(name)  # a schedule-free variant that kept the cosine or the EMA is refused
+        assert recipe.name == name and recipe.to_dict() != dict(default.to_dict(), name=name), name
+    assert bench_recipe.get_recipe('adapter-sf').optimizer == 'schedulefree'
