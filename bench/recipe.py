@@ -63,7 +63,6 @@ VARIANTS = {
     'adapter-b8-lr0.01': dict(b_lr_ratio=8.0, lr=0.01),        # LoRA+ 8 at the same B rate, A at half
     'adapter-b8-lr0.015': dict(b_lr_ratio=8.0, lr=0.015),      # LoRA+ 8, B at 1.5x, A at 0.75x
     'adapter-ema2.5': dict(ema_half_life=0.025),               # half the EMA's half-life (1.5 steps here)
-    'adapter-sf': dict(SCHEDULE_FREE),                         # schedule-free Adam: its average replaces decay + EMA
     'adapter-sf-lr0.04': dict(SCHEDULE_FREE, lr=0.04),
     'adapter-sf-beta1-0.95': dict(SCHEDULE_FREE, betas=(0.95, 0.99)),  # y nearer the average
     'adapter-sf-lr0.01': dict(SCHEDULE_FREE, lr=0.01),

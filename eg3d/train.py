@@ -21,7 +21,7 @@ from training import training_loop
 from training import validation
 from training.dataset import DatasetError, IdentitySet
 from training.options import TrainingOptions
-from training.recipe import DEFAULT_RECIPE, RECIPES
+from training.recipe import DEFAULT_RECIPE, OPTIMIZER_CLASSES, RECIPES
 
 #----------------------------------------------------------------------------
 
@@ -118,7 +118,8 @@ def print_options(c: TrainingOptions) -> None:
     if len(c.training_set_kwargs.identities) > 1:
         print(f'Identities:          {len(c.training_set_kwargs.identities)} (one adapter each)')
     print(f'Trainable:           {c.mode}')
-    print(f'Recipe:              {c.recipe["name"]} (Adam lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
+    optimizer = 'schedule-free Adam' if c.recipe.get('optimizer') == 'schedulefree' else 'Adam'
+    print(f'Recipe:              {c.recipe["name"]} ({optimizer} lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
           f'{c.recipe["decay"]} rate' + (f', EMA half-life {c.recipe["ema_half_life"]:g} of the run'
                                           if c.recipe.get('ema_half_life') else '') + ')')
     print()
@@ -168,7 +169,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--tick',         help='Progress report interval in kimg (fractions allowed)', metavar='KIMG', type=POSITIVE, default=4, show_default=True)
 @click.option('--snap',         help='Snapshot interval in ticks', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
+@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default), adapter-sf (schedule-free Adam; LoRA only) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
 @click.option('--glr',          help="Peak learning rate of Adam  [default: the recipe's]", metavar='FLOAT', type=POSITIVE)
 @click.option('--betas',        help="Adam betas  [default: the recipe's]", metavar='B1,B2', type=parse_floats)
 # Validation.
@@ -291,6 +292,9 @@ def main(**kwargs):
         fail('--freeze_render=True freezes the decoder, but --lora_targets includes decoder; drop one of them')
     if opts.adalora and opts.lora < 1:
         fail('--adalora=True needs --lora=<target rank> >= 1 (or --adalora_target_rank)')
+    if opts.adalora and recipe.optimizer == 'schedulefree':
+        fail(f'--recipe={opts.recipe} (schedule-free Adam) cannot train AdaLoRA: its rank masks would change the '
+             'point the gradients are taken at, not the average it keeps; use --recipe=adapter')
     total_steps = math.ceil(opts.kimg * 1000 / opts.batch)
     adapter_config = None
     if opts.lora > 0:
@@ -357,7 +361,8 @@ def main(**kwargs):
         resume_pkl=opts.resume, trust_pickle=opts.trust_pickle, cfg=opts.cfg,
         g_num_fp16_res=opts.g_num_fp16_res, sr_num_fp16_res=opts.sr_num_fp16_res,
         adapter_config=adapter_config, freeze_render=opts.freeze_render, mode=mode,
-        G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=recipe.lr, betas=list(recipe.betas), eps=recipe.eps),
+        G_opt_kwargs=dict(class_name=OPTIMIZER_CLASSES[recipe.optimizer], lr=recipe.lr, betas=list(recipe.betas),
+                          eps=recipe.eps),
         recipe=recipe.to_dict(),
         val_views=opts.val_views, val_data=opts.val_data, early_stop=opts.early_stop,
         loss_kwargs=dict(lpips_net=opts.lpips,

@@ -63,6 +63,18 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
                             init='random', init_passes=2, optimizer='adam')  # PEFT's random A, B = 0; passes unused
 
 
+def test_the_schedule_free_recipe_is_recorded_with_its_optimizer(identity, tmp_path, monkeypatch, capsys):
+    captured = {}
+    result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}', '--lora=1',
+                      '--recipe=adapter-sf'] + TINY, monkeypatch, captured)
+    assert result.exit_code == 0, result.output
+    c = captured['c']
+    assert c.G_opt_kwargs['class_name'] == 'training.schedule_free.ScheduleFreeAdam'
+    assert c.recipe['optimizer'] == 'schedulefree' and c.recipe['ema_half_life'] is None
+    train.print_options(c)
+    assert 'Recipe:              adapter-sf (schedule-free Adam lr 0.02' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('flags, check', [
     ([], lambda c: c.adapter_config is None and c.mode == 'full'),
     (['--lora=2', '--adalora=True', '--kimg=0.2'],
@@ -112,6 +124,7 @@ def test_dry_run_checks_and_writes_nothing(identity, tmp_path):
     (['--early-stop=3', '--val-views=0'], '--early-stop needs validation'),
     (['--val-data=/nonexistent/views'], "'/nonexistent/views'"),
     (['--glr=0.01', '--betas=1,0.99'], 'betas must be two numbers in [0, 1)'),
+    (['--lora=1', '--adalora=True', '--recipe=adapter-sf'], 'cannot train AdaLoRA'),
 ])
 def test_option_errors(identity, tmp_path, flags, message):
     result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}'] + TINY + flags)

@@ -21,6 +21,8 @@ from training.schedule_free import ScheduleFreeAdam
 
 DECAYS = ('constant', 'cosine')
 OPTIMIZERS = ('adam', 'schedulefree')
+# The class each optimizer builds, as training_options.json records it (G_opt_kwargs, EG3D's key).
+OPTIMIZER_CLASSES = dict(adam='torch.optim.Adam', schedulefree='training.schedule_free.ScheduleFreeAdam')
 INITS = ('random', 'gradient')
 
 
@@ -102,6 +104,11 @@ RECIPES = {
     # Measured by bench/recipe.py (docs/training.md, "Recipes").
     'adapter': Recipe('adapter', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine', final_lr=0.0,
                       b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5),
+    # The same with schedule-free Adam (its average in place of the cosine and the EMA): faster on the bench
+    # (3.4x against 2.8x over 8 runs) but with a larger first overshoot, and no AdaLoRA (docs/training.md).
+    'adapter-sf': Recipe('adapter-sf', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='constant', final_lr=1.0,
+                         b_lr_ratio=4.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
+                         optimizer='schedulefree'),
 }
 DEFAULT_RECIPE = 'adapter'
 
