@@ -1,15 +1,12 @@
 """EMA of the adapter weights: its half-life and ramp-up, the swap, and what the run's files hold with it."""
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import legacy
 from training import adapter_ema
 from training import recipe as recipes
-from training import training_loop as tl
 
 EMA_RECIPE = recipes.Recipe('ema', lr=0.01, betas=(0.9, 0.99), ema_half_life=0.25, ema_rampup=0.5)
 
@@ -57,23 +54,14 @@ def test_state_restores_the_raw_weights_and_the_average_and_refuses_another_layo
     assert adapter_ema.make_ema([p], recipes.get_recipe('my3dgen')) is None
 
 
-def _run(run_dir, identity8, resume_pkl=None, **overrides):
-    os.makedirs(run_dir, exist_ok=True)
-    opts = dict(run_dir=str(run_dir), training_set_kwargs=dict(path=identity8.train),
-                resume_pkl=resume_pkl or identity8.base_pkl, cfg='resume', neural_rendering_resolution=32,
-                batch_size=1, batch_gpu=1, total_kimg=0.004, kimg_per_tick=0.001, network_snapshot_ticks=1,
-                device='cpu', grid_rows=0, progress_bar=False, loss_kwargs=dict(lpips_net='none'),
-                adapter_config=dict(r=1, alpha=1.0), recipe=dict(EMA_RECIPE.to_dict(), lr=0.03))
-    opts.update(overrides)
-    return tl.training_loop(**opts)
+EMA_RUN_RECIPE = dict(EMA_RECIPE.to_dict(), lr=0.03)
 
 
 @pytest.fixture(scope='module')
-def ema_run(identity8, tmp_path_factory):
+def ema_run(train_tiny, tmp_path_factory):
     """Four one-step ticks with an EMA, a snapshot every tick."""
     run = tmp_path_factory.mktemp('ema-run')
-    result = _run(run, identity8)
-    return run, result
+    return run, train_tiny(run, EMA_RUN_RECIPE)
 
 
 def test_files_hold_the_average_and_the_best_file_is_what_validation_scored(ema_run, identity8):
@@ -98,13 +86,9 @@ def test_files_hold_the_average_and_the_best_file_is_what_validation_scored(ema_
     assert score == pytest.approx(best['val/loss'], rel=1e-5)
 
 
-def test_resume_with_an_ema_equals_the_uninterrupted_run(ema_run, identity8, tmp_path):
+def test_resume_with_an_ema_equals_the_uninterrupted_run(ema_run, resume_halfway):
     run, _ = ema_run
-    resumed = tmp_path / 'resumed'
-    _run(resumed, identity8, resume_pkl=str(run / 'network-snapshot-000000.002.pkl'), adapter_config=None)
-    for name in ('adapter-000000.004.safetensors', 'adapter-best.safetensors'):
-        a, b = load_file(str(run / name)), load_file(str(resumed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    resumed = resume_halfway(run, EMA_RUN_RECIPE)
     state_a = torch.load(run / 'training-state-000000.004.pt', weights_only=True)['ema']
     state_b = torch.load(resumed / 'training-state-000000.004.pt', weights_only=True)['ema']
     tensors_a, tensors_b = state_a['raw'] + state_a['average'], state_b['raw'] + state_b['average']

@@ -1,16 +1,13 @@
 """Schedule-free Adam: the paper's update on a toy problem, the average swap, the state, and a run with it."""
 import copy
 import math
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import legacy
 from training import adapters
 from training import recipe as recipes
-from training import training_loop as tl
 from training.schedule_free import ScheduleFreeAdam
 
 SF_RECIPE = recipes.Recipe('sf', lr=0.03, betas=(0.9, 0.99), warmup=0.25, b_lr_ratio=4.0, optimizer='schedulefree')
@@ -116,22 +113,11 @@ def test_schedule_free_recipes_build_it_with_lora_plus_groups_and_refuse_a_decay
         recipes.Recipe.from_dict(dict(SF_RECIPE.to_dict(), optimizer='sgd'))
 
 
-def _run(run_dir, identity8, resume_pkl=None, **overrides):
-    os.makedirs(run_dir, exist_ok=True)
-    opts = dict(run_dir=str(run_dir), training_set_kwargs=dict(path=identity8.train),
-                resume_pkl=resume_pkl or identity8.base_pkl, cfg='resume', neural_rendering_resolution=32,
-                batch_size=1, batch_gpu=1, total_kimg=0.004, kimg_per_tick=0.001, network_snapshot_ticks=1,
-                device='cpu', grid_rows=0, progress_bar=False, loss_kwargs=dict(lpips_net='none'),
-                adapter_config=dict(r=1, alpha=1.0), recipe=SF_RECIPE.to_dict())
-    opts.update(overrides)
-    return tl.training_loop(**opts)
-
-
 @pytest.fixture(scope='module')
-def sf_run(identity8, tmp_path_factory):
+def sf_run(train_tiny, tmp_path_factory):
     """Four one-step ticks with schedule-free Adam, a snapshot every tick."""
     run = tmp_path_factory.mktemp('sf-run')
-    return run, _run(run, identity8)
+    return run, train_tiny(run, SF_RECIPE.to_dict())
 
 
 def _in_optimizer_order(G):
@@ -150,10 +136,6 @@ def test_files_hold_the_average_and_the_run_trains_at_the_gradient_point(sf_run,
     assert any(not torch.equal(p.detach(), x) for p, x in zip(in_run, averages))  # the run ends at y
 
 
-def test_resume_with_schedule_free_equals_the_uninterrupted_run(sf_run, identity8, tmp_path):
+def test_resume_with_schedule_free_equals_the_uninterrupted_run(sf_run, resume_halfway):
     run, _ = sf_run
-    resumed = tmp_path / 'resumed'
-    _run(resumed, identity8, resume_pkl=str(run / 'network-snapshot-000000.002.pkl'), adapter_config=None)
-    for name in ('adapter-000000.004.safetensors', 'adapter-best.safetensors'):
-        a, b = load_file(str(run / name)), load_file(str(resumed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    resume_halfway(run, SF_RECIPE.to_dict())
