@@ -41,6 +41,9 @@ from training.encoder import EncoderConfig, W3DEncoder, encode  # noqa: E402
 from training.encoder.data import generator_batch  # noqa: E402
 from training.encoder.training_loop import training_loop  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encoder_speed import seconds_per_call  # noqa: E402  (the timer of the inference rows)
+
 NRR = demo.NEURAL_RENDERING_RESOLUTION
 HELDOUT_SEED = 10**9  # generator samples of the evaluation: a seed the training batches never use
 # The demo base learnt G(z, camera) at psi 1 by regression (make_demo_base.py): its mapping's w_avg buffer was
@@ -96,16 +99,6 @@ def compare_projection(G, encoder, w_avg, image, camera, iters, w_avg_samples):
     t0 = time.time()
     runs['w_avg'] = (projector.project(G, image, camera, num_steps=200, **kwargs).final_loss, time.time() - t0)
     return runs
-
-
-def images_per_second(fn, repeats: int) -> float:
-    fn()
-    t0 = time.time()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return repeats / (time.time() - t0)
 
 
 def train(args: argparse.Namespace, base_pkl: str, outdir: str):
@@ -200,15 +193,15 @@ def main() -> None:
     print('|---|---:|')
     image, camera = sets['base samples'][0][:1], sets['base samples'][1][:1]
     print(f'| encoder network, demo preset ({encoder.config.input_resolution} px input) | '
-          f'{images_per_second(lambda: encoder(image, image, camera), 20):.1f} |')
+          f'{1 / seconds_per_call(lambda: encoder(image, image, camera), 20, device):.1f} |')
     print(f'| {args.iters}-iteration inversion with its renders, demo config | '
-          f'{images_per_second(lambda: encode(G, encoder, w_avg, image, camera, args.iters, NRR), 2):.2f} |')
+          f'{1 / seconds_per_call(lambda: encode(G, encoder, w_avg, image, camera, args.iters, NRR), 2, device):.2f} |')
     ffhq = W3DEncoder(EncoderConfig.for_generator(14, 512, 512)).eval().requires_grad_(False).to(device)
     photo = torch.zeros(1, 3, 512, 512, device=device)
     with torch.no_grad():
         print(f'| encoder network, FFHQ 512 preset (256 px input, '
               f'{sum(p.numel() for p in ffhq.parameters()) / 1e6:.1f}M parameters) | '
-              f'{images_per_second(lambda: ffhq(photo, photo, camera), 3):.2f} |')
+              f'{1 / seconds_per_call(lambda: ffhq(photo, photo, camera), 3, device):.2f} |')
     print(f'\nRun files: {outdir}')
 
 
