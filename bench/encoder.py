@@ -14,9 +14,10 @@
    writes datasets/demo-heldout/; inverted with the base):
    - image MSE of w_avg vs the encoder after each ReStyle iteration 1..iters, raw (ReStyle's plain iterations)
      and guarded (the default of `encode`: no iteration may raise the image error), with the time per image;
-   - for the first `--project` images of each set: encoder + 50 projector steps, with the encoder-start
-     settings (projector.ENCODER_START, the default) and with the w_avg start's noise ramp
-     (projector.W_AVG_START), vs 200 steps from w_avg (projector.project, W+, no LPIPS): final MSE and wall time.
+   - for the first `--project` images of each set: encoder + 50 projector passes with L-BFGS (the encoder
+     start's default) and with Adam (projector.ENCODER_START), 50 passes of L-BFGS from w_avg (the control: what
+     the encoder's start adds), vs 200 steps of EG3D's projector from w_avg (Adam with its noise ramp; W+, no
+     LPIPS, `--w-avg-samples` mapped z as projector.py): final MSE and wall time.
 3. Inference speed (images/s, batch 1): the encoder network at the demo preset and at the FFHQ 512 preset,
    and a whole `iters`-iteration inversion (with its renders) at the demo config.
 Prints markdown tables for docs/benchmarks.md.
@@ -82,22 +83,24 @@ def evaluate_iterations(G, encoder, w_avg, images, cameras, iters, guard: bool):
 
 
 def compare_projection(G, encoder, w_avg, image, camera, iters, w_avg_samples):
-    """{run: (MSE, seconds)}: the guarded encoder's estimate alone, + 50 steps with the encoder-start settings and
-    with the w_avg start's noise ramp (each timed with the estimate), and 200 steps from w_avg (W+, MSE only)."""
+    """{run: (MSE, seconds)}: the guarded encoder's estimate alone; + 50 passes of L-BFGS (the encoder start's
+    default) and of Adam (ENCODER_START), each timed with the estimate; the control, 50 passes of L-BFGS from w_avg;
+    and the baseline, 200 steps of EG3D's projector from w_avg (W+, MSE only; every run as projector.py runs it)."""
     kwargs = dict(latent_space='w_plus', lpips_model=None, w_avg_samples=w_avg_samples,
                   neural_rendering_resolution=NRR, progress=False)
     t0 = time.time()
     w_init = encode(G, encoder, w_avg, image, camera, iters, NRR)[-1].ws
     t_encoder = time.time() - t0
     runs = {}
-    for name, (lr, noise) in (('encoder start', projector.ENCODER_START), ('noise ramp', projector.W_AVG_START)):
+    for optimizer in projector.OPTIMIZERS:
         t0 = time.time()
-        result = projector.project(G, image, camera, num_steps=50, w_init=w_init, initial_learning_rate=lr,
-                                   initial_noise_factor=noise, **kwargs)
-        runs[name] = (result.final_loss, t_encoder + time.time() - t0)
+        result = projector.project(G, image, camera, num_steps=50, w_init=w_init, optimizer=optimizer, **kwargs)
+        runs[f'encoder + {optimizer}'] = (result.final_loss, t_encoder + time.time() - t0)
     runs['encoder only'] = (result.initial_loss, t_encoder)
-    t0 = time.time()
-    runs['w_avg'] = (projector.project(G, image, camera, num_steps=200, **kwargs).final_loss, time.time() - t0)
+    for name, num_steps, optimizer in (('w_avg + lbfgs', 50, 'lbfgs'), ('w_avg', 200, None)):
+        t0 = time.time()
+        result = projector.project(G, image, camera, num_steps=num_steps, optimizer=optimizer, **kwargs)
+        runs[name] = (result.final_loss, time.time() - t0)
     return runs
 
 
@@ -138,7 +141,7 @@ def main() -> None:
                         help='weight of the converged term (default: the loss default; replay keeps its examples)')
     parser.add_argument('--heldout', type=int, default=8, help='held-out generator samples')
     parser.add_argument('--project', type=int, default=1, help='images per set for the projector comparison')
-    parser.add_argument('--w-avg-samples', type=int, default=2000)
+    parser.add_argument('--w-avg-samples', type=int, default=10000, help='as projector.py\'s default')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--snap', type=int, default=25, help='encoder file every SNAP ticks of 2 steps')
@@ -178,16 +181,17 @@ def main() -> None:
             print(f'| {name} | {refinement} | {len(images)} | {float(table[0]):.5f} | {cells} | '
                   f'{100 * (1 - float(table[-1]) / float(table[0])):.1f}% | {seconds:.2f} |', flush=True)
 
-    print('\n| held-out image | encoder only: MSE | time (s) | + 50 steps, encoder start: MSE | time (s) | '
-          '+ 50 steps, noise ramp: MSE | time (s) | 200 steps from w_avg: MSE | time (s) | time ratio |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    runs_shown = ('encoder only', 'encoder + lbfgs', 'encoder + adam', 'w_avg + lbfgs', 'w_avg')
+    print('\n| held-out image | encoder only: MSE | time (s) | + 50 L-BFGS passes: MSE | time (s) | + 50 Adam steps: '
+          'MSE | time (s) | control, 50 L-BFGS passes from w_avg: MSE | time (s) | 200 steps from w_avg (EG3D): MSE | '
+          'time (s) | time ratio |')
+    print('|---|' + '---:|' * (2 * len(runs_shown) + 1))
     for name, (images, cameras) in sets.items():
         for i in range(min(args.project, len(images))):
             runs = compare_projection(G, encoder, w_avg, images[i:i + 1], cameras[i:i + 1], args.iters,
                                       args.w_avg_samples)
-            cells = ' | '.join(f'{runs[k][0]:.5f} | {runs[k][1]:.1f}'
-                               for k in ('encoder only', 'encoder start', 'noise ramp', 'w_avg'))
-            print(f'| {name} #{i} | {cells} | {runs["w_avg"][1] / runs["encoder start"][1]:.2f}x |', flush=True)
+            cells = ' | '.join(f'{runs[k][0]:.5f} | {runs[k][1]:.1f}' for k in runs_shown)
+            print(f'| {name} #{i} | {cells} | {runs["w_avg"][1] / runs["encoder + lbfgs"][1]:.2f}x |', flush=True)
 
     print(f'\n| inference ({args.device}, batch 1) | images/s |')
     print('|---|---:|')

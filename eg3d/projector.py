@@ -11,12 +11,16 @@ Writes `<stem>_latent.npy` ([1, num_ws, w_dim], the identity dataset format) and
 noise on w scaled by w_std and decaying to zero in the first 75% of the steps, loss = LPIPS + MSE.
 With noise_mode='const' there are no per-layer noise maps to optimize, so no noise regularization.
 With `--encoder` (train_encoder.py), the start is the encoder's ReStyle estimate instead of w_avg, and the
-optimisation starts without the w noise (ENCODER_START: the noise is there to explore away from w_avg, and from
-a good estimate it throws the estimate away) and at twice the rate (measured in docs/encoder.md); it then needs
-no w statistics, so none are sampled. `--num-steps=0` keeps the encoder's estimate as it is.
+default optimizer is L-BFGS (torch's, strong-Wolfe line search; `--optimizer`): without the w noise (which is there
+to explore away from w_avg, and from a good estimate throws the estimate away) the objective is deterministic on one
+render seed, and L-BFGS fits it in far fewer generator passes than Adam's schedule (measured in docs/encoder.md).
+`--num-steps` then counts L-BFGS's evaluations (one forward and backward pass each, as an Adam step), so the same
+number costs the same. That start needs no w statistics, so none are sampled. `--num-steps=0` keeps the encoder's
+estimate as it is.
 """
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -32,9 +36,13 @@ from training import inference as inf
 from training import encoder as encoders
 
 
-# (initial learning rate, initial w noise factor) by start. From w_avg: the EG3D/StyleGAN2 projector's values.
+OPTIMIZERS = ('adam', 'lbfgs')
+# Adam's (initial learning rate, initial w noise factor) by start. From w_avg: the EG3D/StyleGAN2 projector's values.
 W_AVG_START = (0.01, 0.05)
 ENCODER_START = (0.02, 0.0)
+# L-BFGS: the first trial step of every line search (the search scales it), and how many past steps it remembers.
+LBFGS_LEARNING_RATE = 1.0
+LBFGS_HISTORY = 100
 
 
 @dataclasses.dataclass
@@ -80,11 +88,32 @@ def learning_rate(step: int, num_steps: int, initial_learning_rate: float, rampu
     return initial_learning_rate * lr_ramp
 
 
+def resolve_settings(optimizer: Optional[str], from_encoder: bool, initial_learning_rate: Optional[float],
+                     initial_noise_factor: Optional[float]) -> Tuple[str, float, float]:
+    """(optimizer, initial learning rate, initial w noise factor) with the defaults of the start filled in.
+
+    Adam from w_avg is the EG3D projector (W_AVG_START); from the encoder's estimate the default is L-BFGS, and Adam
+    there takes ENCODER_START. L-BFGS needs a deterministic objective, so it refuses w noise (ValueError)."""
+    optimizer = optimizer or ('lbfgs' if from_encoder else 'adam')
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f'optimizer must be one of {", ".join(OPTIMIZERS)}, got {optimizer!r}')
+    if optimizer == 'lbfgs':
+        if initial_noise_factor:
+            raise ValueError(f'L-BFGS fits a deterministic objective: the w noise must be 0, got {initial_noise_factor}'
+                             ' (use the adam optimizer for the noise ramp)')
+        lr = LBFGS_LEARNING_RATE if initial_learning_rate is None else initial_learning_rate
+        return optimizer, lr, 0.0
+    default_lr, default_noise = ENCODER_START if from_encoder else W_AVG_START
+    return (optimizer, default_lr if initial_learning_rate is None else initial_learning_rate,
+            default_noise if initial_noise_factor is None else initial_noise_factor)
+
+
 def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
             num_steps: int = 500,
             latent_space: str = 'w',
             lpips_model: Optional[torch.nn.Module] = None,
             mse_weight: float = 1.0,
+            optimizer: Optional[str] = None,
             initial_learning_rate: Optional[float] = None,
             initial_noise_factor: Optional[float] = None,
             lr_rampup_length: float = 0.05,
@@ -100,13 +129,13 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
 
     `latent_space`: 'w' optimizes one w_dim vector shared by all layers, 'w_plus' one per layer.
     `w_init` ([1, num_ws, w_dim]) replaces the w_avg start (its layer mean is used for 'w').
-    `initial_learning_rate`, `initial_noise_factor`: None takes W_AVG_START's values, or ENCODER_START's with `w_init`.
+    `optimizer`, `initial_learning_rate`, `initial_noise_factor`: None takes the start's defaults
+    (resolve_settings). `num_steps` counts generator forward and backward passes with either optimizer.
     """
     if latent_space not in ('w', 'w_plus'):
         raise ValueError(f'latent_space must be w or w_plus, got {latent_space!r}')
-    default_lr, default_noise = W_AVG_START if w_init is None else ENCODER_START
-    initial_learning_rate = default_lr if initial_learning_rate is None else initial_learning_rate
-    initial_noise_factor = default_noise if initial_noise_factor is None else initial_noise_factor
+    optimizer, initial_learning_rate, initial_noise_factor = resolve_settings(
+        optimizer, w_init is not None, initial_learning_rate, initial_noise_factor)
     device = c.device
     n_ws = inf.num_ws(G)
     target = target.to(device)
@@ -118,7 +147,6 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
     else:
         start = w_avg if latent_space == 'w' else w_avg.repeat(1, n_ws, 1)
     w_opt = start.detach().clone().requires_grad_(True)    # [1, 1 or num_ws, w_dim]
-    optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=initial_learning_rate)
 
     def loss_at(w: torch.Tensor, render_seed: int) -> torch.Tensor:
         ws = w.expand(1, n_ws, -1) if w.shape[1] == 1 else w
@@ -127,27 +155,83 @@ def project(G: torch.nn.Module, target: torch.Tensor, c: torch.Tensor, *,
 
     with torch.no_grad():
         initial_loss = float(loss_at(w_opt, seed))
-    torch.manual_seed(seed)
-    losses = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress or num_steps == 0, leave=False)
-    for step in bar:
-        t = step / num_steps
-        w_noise_scale = w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp_length) ** 2
-        lr = learning_rate(step, num_steps, initial_learning_rate, lr_rampup_length, lr_rampdown_length)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        w_noisy = w_opt + torch.randn_like(w_opt) * w_noise_scale
-        loss = loss_at(w_noisy, seed + 1 + step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f'{losses[-1]:.4f}')
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress or num_steps == 0, leave=False)
+    if optimizer == 'adam':
+        torch.manual_seed(seed)
+        schedule = functools.partial(learning_rate, num_steps=num_steps, initial_learning_rate=initial_learning_rate,
+                                     rampup=lr_rampup_length, rampdown=lr_rampdown_length)
+        noise = functools.partial(noise_scale, num_steps=num_steps, initial_scale=w_std * initial_noise_factor,
+                                  ramp=noise_ramp_length)
+        losses = adam_steps(w_opt, loss_at, num_steps, schedule, noise, seed + 1, bar)
+    else:
+        losses = lbfgs_steps(w_opt, loss_at, num_steps, initial_learning_rate, seed + 1, bar)
+    bar.close()
 
     with torch.no_grad():
         final_loss = float(loss_at(w_opt, seed))
     ws = w_opt.detach().expand(1, n_ws, -1).clone() if latent_space == 'w' else w_opt.detach().clone()
     return ProjectionResult(ws=ws, losses=losses, initial_loss=initial_loss, final_loss=final_loss)
+
+
+def noise_scale(step: int, num_steps: int, initial_scale: float, ramp: float) -> float:
+    """The w noise's standard deviation: initial_scale, decaying quadratically to 0 over the first `ramp` fraction."""
+    return initial_scale * max(0.0, 1.0 - step / num_steps / ramp) ** 2
+
+
+def adam_steps(w_opt: torch.Tensor, loss_at, num_steps: int, schedule, noise, first_seed: int, bar) -> List[float]:
+    """The EG3D projector's loop: Adam at `schedule(step)`, on w plus Gaussian noise of std `noise(step)`, a new render
+    seed every step. Returns the loss of every step."""
+    optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=schedule(0))
+    losses = []
+    for step in range(num_steps):
+        for group in optimizer.param_groups:
+            group['lr'] = schedule(step)
+        w_noisy = w_opt + torch.randn_like(w_opt) * noise(step)
+        loss = loss_at(w_noisy, first_seed + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f'{losses[-1]:.4f}')
+    return losses
+
+
+class _BudgetSpent(Exception):
+    """Ends L-BFGS when its evaluations are spent: torch caps them only between iterations, not in a line search."""
+
+
+def lbfgs_steps(w_opt: torch.Tensor, loss_at, num_steps: int, lr: float, render_seed: int, bar) -> List[float]:
+    """At most `num_steps` evaluations (forward and backward) of L-BFGS with a strong-Wolfe line search, every one on
+    the same render seed; w_opt ends at the best point evaluated. Returns the loss of every evaluation."""
+    optimizer = torch.optim.LBFGS([w_opt], lr=lr, max_iter=num_steps, max_eval=2 * num_steps + 1,
+                                  history_size=min(LBFGS_HISTORY, max(num_steps, 1)), tolerance_grad=0.0,
+                                  tolerance_change=0.0, line_search_fn='strong_wolfe')
+    best_w, best_loss = w_opt.detach().clone(), [math.inf]
+    losses = []
+
+    def closure() -> torch.Tensor:
+        if len(losses) == num_steps:
+            raise _BudgetSpent
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_at(w_opt, render_seed)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        if losses[-1] < best_loss[0]:       # a NaN never counts as best
+            best_loss[0] = losses[-1]
+            best_w.copy_(w_opt.detach())
+        bar.update(1)
+        bar.set_postfix(loss=f'{losses[-1]:.4f}')
+        return loss
+
+    if num_steps > 0:
+        try:
+            optimizer.step(closure)
+        except _BudgetSpent:
+            pass
+    with torch.no_grad():
+        w_opt.copy_(best_w)
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +327,15 @@ class EncoderStart:
 @click.option('--lpips', 'lpips_kind', type=click.Choice(inf.LPIPS_CHOICES), default='vgg', show_default=True,
               help='LPIPS backbone; *-random only for tests')
 @click.option('--mse-weight', type=float, default=1.0, show_default=True)
+@click.option('--optimizer', type=click.Choice(OPTIMIZERS), default=None,
+              help='adam: the EG3D projector (lr ramp, w noise); lbfgs: line searches on a fixed render seed, no w '
+                   'noise  [default: adam; lbfgs with --encoder]')
 @click.option('--lr', 'initial_learning_rate', type=float, default=None,
-              help=f'Initial learning rate  [default: {W_AVG_START[0]}; {ENCODER_START[0]} with --encoder]')
+              help=f'Initial learning rate  [default: adam {W_AVG_START[0]}, {ENCODER_START[0]} with --encoder; '
+                   f'lbfgs {LBFGS_LEARNING_RATE} (the trial step of its line searches)]')
 @click.option('--noise-factor', 'initial_noise_factor', type=float, default=None,
-              help=f'Initial w noise, times w_std  [default: {W_AVG_START[1]}; {ENCODER_START[1]} with --encoder]')
+              help=f'Initial w noise, times w_std  [default: adam {W_AVG_START[1]}, {ENCODER_START[1]} with '
+                   '--encoder; lbfgs takes none]')
 @click.option('--w-avg-samples', type=int, default=10000, show_default=True, help='z samples for w_avg / w_std')
 @click.option('--nrr', 'neural_rendering_resolution', type=int, default=None, help='Neural rendering resolution')
 @click.option('--seed', type=int, default=0, show_default=True)
@@ -255,10 +344,15 @@ class EncoderStart:
 @inf.user_errors
 def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_path, num_steps, encoder_path,
          encoder_iters, encoder_guard, latent_space,
-         lpips_kind, mse_weight, initial_learning_rate, initial_noise_factor, w_avg_samples,
+         lpips_kind, mse_weight, optimizer, initial_learning_rate, initial_noise_factor, w_avg_samples,
          neural_rendering_resolution, seed, overwrite, device):
     """Invert aligned images with known cameras into W / W+ (writes <stem>_latent.npy)."""
     device = inf.resolve_device(device)
+    try:
+        optimizer_name = resolve_settings(optimizer, encoder_path is not None, initial_learning_rate,
+                                          initial_noise_factor)[0]
+    except ValueError as err:
+        raise inf.InputError(f'--noise-factor={initial_noise_factor} needs --optimizer=adam ({err})') from err
     jobs = plan_jobs(target, dataset, outdir, c_path, overwrite)
     if not jobs:
         click.echo(f'every image in {dataset} already has a latent (pass --overwrite to redo them)')
@@ -276,7 +370,7 @@ def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_p
         began = time.time()
         w_init = start.estimate(G, target_img, c, neural_rendering_resolution, seed) if start is not None else None
         result = project(G, target_img, c, num_steps=num_steps, latent_space=latent_space, lpips_model=lpips_model,
-                         mse_weight=mse_weight, initial_learning_rate=initial_learning_rate,
+                         mse_weight=mse_weight, optimizer=optimizer, initial_learning_rate=initial_learning_rate,
                          initial_noise_factor=initial_noise_factor, w_avg_samples=w_avg_samples, w_init=w_init,
                          neural_rendering_resolution=neural_rendering_resolution, seed=seed, desc=job.image.name)
         inf.save_latent(job.latent_out, result.ws, overwrite=overwrite)
@@ -286,7 +380,7 @@ def main(network_pkl, adapter_paths, adapter_index, target, dataset, outdir, c_p
             inf.save_image(inf.image_grid([torch.cat([target_img.cpu(), image.cpu()])]), job.render_out)
         origin = f'encoder ({start.iters} iterations)' if start is not None else 'w_avg'
         click.echo(f'{job.image.name}: loss {result.initial_loss:.4f} ({origin}) -> {result.final_loss:.4f} after '
-                   f'{num_steps} steps in {time.time() - began:.1f} s; wrote {job.latent_out}')
+                   f'{len(result.losses)} {optimizer_name} steps in {time.time() - began:.1f} s; wrote {job.latent_out}')
 
 
 if __name__ == '__main__':

@@ -41,8 +41,9 @@ def test_projection_recovers_a_reachable_target_and_returns_w_plus_shape():
     assert not any(p.requires_grad for p in G.parameters())
 
 
-def test_schedule_defaults_follow_the_start():
-    """From w_avg the EG3D projector's noise ramp; from a given start (the encoder's estimate) no w noise."""
+def test_settings_follow_the_start():
+    """From w_avg the EG3D projector (Adam, noise ramp); from a given start (the encoder's estimate) L-BFGS, and Adam
+    there without w noise."""
     G = synthetic_identity.build_tiny_generator(0).eval().requires_grad_(False)
     c = torch.from_numpy(synthetic_identity.camera_labels(1, seed=0))
     target = torch.zeros(1, 3, G.img_resolution, G.img_resolution)
@@ -51,12 +52,66 @@ def test_schedule_defaults_follow_the_start():
     def ws(**kwargs):
         return projector.project(G, target, c, num_steps=3, latent_space='w_plus', w_avg_samples=200,
                                  neural_rendering_resolution=16, progress=False, **kwargs).ws
-    assert projector.W_AVG_START == (0.01, 0.05) and projector.ENCODER_START[1] == 0
-    assert torch.equal(ws(), ws(initial_learning_rate=0.01, initial_noise_factor=0.05))
+    assert projector.resolve_settings(None, False, None, None) == ('adam', 0.01, 0.05)
+    assert projector.resolve_settings(None, True, None, None) == ('lbfgs', projector.LBFGS_LEARNING_RATE, 0.0)
+    assert projector.resolve_settings('adam', True, None, None) == ('adam', *projector.ENCODER_START)
+    assert projector.ENCODER_START[1] == 0
+    assert torch.equal(ws(), ws(optimizer='adam', initial_learning_rate=0.01, initial_noise_factor=0.05))
     from_encoder = ws(w_init=w_init)
-    assert torch.equal(from_encoder, ws(w_init=w_init, initial_learning_rate=projector.ENCODER_START[0],
-                                        initial_noise_factor=0.0))
-    assert not torch.equal(from_encoder, ws(w_init=w_init, initial_noise_factor=0.05))
+    assert torch.equal(from_encoder, ws(w_init=w_init, optimizer='lbfgs', initial_learning_rate=1.0))
+    adam = ws(w_init=w_init, optimizer='adam')
+    assert torch.equal(adam, ws(w_init=w_init, optimizer='adam', initial_learning_rate=projector.ENCODER_START[0],
+                                initial_noise_factor=0.0))
+    assert not torch.equal(from_encoder, adam)
+    assert not torch.equal(adam, ws(w_init=w_init, optimizer='adam', initial_noise_factor=0.05))
+    with pytest.raises(ValueError, match='deterministic'):
+        projector.resolve_settings('lbfgs', True, None, 0.05)
+    with pytest.raises(ValueError, match='adam, lbfgs'):
+        projector.resolve_settings('sgd', False, None, None)
+
+
+def reachable_target(G, c):
+    """(w_avg start [1, 14, 512], a target the base renders from a W+ latent near it)."""
+    w_avg, _ = projector.w_statistics(G, c, 200)
+    w_true = w_avg + 0.5 * torch.randn((1, 14, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return w_avg.repeat(1, 14, 1), inf.render(G, w_true, c, 16, seed=0)
+
+
+def test_lbfgs_spends_exactly_its_passes_and_returns_the_best_point(monkeypatch):
+    """`num_steps` counts generator passes: L-BFGS stops inside a line search when they are spent, and the latent it
+    returns is the best it evaluated (on its render seed), not the last trial point."""
+    G = synthetic_identity.build_tiny_generator(0).eval().requires_grad_(False)
+    c = torch.from_numpy(synthetic_identity.camera_labels(1, seed=0))
+    start, target = reachable_target(G, c)
+    renders = []
+    render = inf.render
+    monkeypatch.setattr(inf, 'render', lambda *args, **kwargs: renders.append(1) or render(*args, **kwargs))
+    for num_steps in (1, 4, 7):
+        renders.clear()
+        result = projector.project(G, target, c, num_steps=num_steps, latent_space='w_plus', w_init=start,
+                                   neural_rendering_resolution=16, progress=False)
+        assert len(result.losses) == num_steps and len(renders) == num_steps + 2   # + the start's and the result's
+        with torch.no_grad():
+            at_result = float((render(G, result.ws, c, 16, seed=1) - target).square().mean())
+        assert at_result == pytest.approx(min(result.losses), rel=1e-5)
+        if num_steps == 1:   # the first pass evaluates the start
+            assert torch.equal(result.ws, start)
+        else:
+            assert min(result.losses) < result.losses[0] and result.final_loss < result.initial_loss
+    assert projector.project(G, target, c, num_steps=0, w_init=start, neural_rendering_resolution=16,
+                             latent_space='w_plus', progress=False).losses == []
+
+
+def test_lbfgs_fits_further_than_adam_in_the_same_passes():
+    """The reason L-BFGS is the encoder start's default, in small: 12 passes from the same start."""
+    G = synthetic_identity.build_tiny_generator(0).eval().requires_grad_(False)
+    c = torch.from_numpy(synthetic_identity.camera_labels(1, seed=0))
+    start, target = reachable_target(G, c)
+    final = {name: projector.project(G, target, c, num_steps=12, latent_space='w_plus', w_init=start, optimizer=name,
+                                     neural_rendering_resolution=16, progress=False).final_loss
+             for name in projector.OPTIMIZERS}
+    assert final['lbfgs'] < final['adam'] / 2, final
 
 
 def test_an_encoder_start_without_noise_samples_no_w_statistics(monkeypatch):
@@ -74,7 +129,7 @@ def test_an_encoder_start_without_noise_samples_no_w_statistics(monkeypatch):
                                  neural_rendering_resolution=16, progress=False, **kwargs)
     result = project(w_init=w_init)
     assert calls == [] and result.final_loss < result.initial_loss
-    project(w_init=w_init, initial_noise_factor=0.05)
+    project(w_init=w_init, optimizer='adam', initial_noise_factor=0.05)
     project()
     assert calls == [1, 1]
 
@@ -186,3 +241,21 @@ def test_cli_encoder_of_another_generator_is_refused(tiny_identity, tmp_path):
     assert result.exit_code == 1
     assert 'trained on a different generator' in result.output and 'other.safetensors' in result.output
     assert not (tmp_path / 'out' / 'image_1_latent.npy').exists()
+
+
+def test_cli_encoder_start_optimizers(tiny_identity, tmp_path):
+    """With --encoder: L-BFGS by default, Adam on request; the w noise with L-BFGS is refused before any work."""
+    G = inf.load_generator(tiny_identity / 'base.pkl')
+    path = encoder_file(G, tmp_path / 'encoder-000001.safetensors')
+    args = ['--network', tiny_identity / 'base.pkl', '--target', tiny_identity / 'heldout' / 'image_0.png',
+            '--encoder', path, '--num-steps=3', '--latent-space=w_plus', '--lpips=none', '--w-avg-samples=200',
+            '--device=cpu']
+    refused = run(args + ['--outdir', tmp_path / 'noise', '--noise-factor=0.05'])
+    assert refused.exit_code == 1 and '--noise-factor=0.05 needs --optimizer=adam' in refused.output
+    assert not (tmp_path / 'noise').exists()
+    for name, flags in (('lbfgs', []), ('adam', ['--optimizer=adam', '--noise-factor=0.05'])):
+        result = run(args + ['--outdir', tmp_path / name, *flags])
+        assert result.exit_code == 0, result.output
+        assert f'3 {name} steps' in result.output
+    assert not np.array_equal(np.load(tmp_path / 'lbfgs' / 'image_0_latent.npy'),
+                              np.load(tmp_path / 'adam' / 'image_0_latent.npy'))
