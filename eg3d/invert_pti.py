@@ -4,7 +4,8 @@
     python invert_pti.py --network=base.pkl --target=photo.png --c=photo_camera.npy --outdir=out --full
 
 1. Pivot: project the image into W (projector.py; or reuse a latent with --latent); with --encoder the
-   projection starts from the encoder's estimate (train_encoder.py), and --num-steps=0 keeps that estimate.
+   projection starts from the encoder's estimate (train_encoder.py) and runs L-BFGS (projector.resolve_settings),
+   and --num-steps=0 keeps that estimate.
 2. Tune the generator around the fixed pivot on that one image (LPIPS + MSE, Adam, lr 3e-4): only the
    adapters (default), or every generator weight with --full (adapters are merged in first).
 
