@@ -16,6 +16,8 @@ from train import _torchrun_env, make_run_dir, run_processes
 from training import inference as inf
 from training.encoder import files
 from training.encoder.data import FolderSet
+from training.encoder.networks import BACKBONES, EncoderConfig, W3DEncoder
+from training.encoder.resnet_backbone import BackboneWeightsError
 from training.encoder.training_loop import training_loop
 
 LATENT_ONLY = dict(image=0.0, lpips=0.0, id=0.0, latent=1.0, mirror=0.0, converged=1.0)  # loss.LossWeights fields
@@ -96,6 +98,10 @@ def parse_folders(value) -> list:
 @click.option('--data', multiple=True, metavar='DIR[,DIR]',
               help='Folders of aligned photos with dataset.json (latents optional); default: the generator\'s samples')
 @click.option('--resume', metavar='FILE', help='encoder-<kimg>.safetensors of a run to continue exactly')
+@click.option('--backbone', type=click.Choice(BACKBONES), default='ir', show_default=True,
+              help='ir: trained here from scratch; resnet34: ImageNet\'s ResNet-34 (needs --backbone-weights)')
+@click.option('--backbone-weights', 'backbone_weights', metavar='PTH',
+              help='torchvision\'s ResNet-34 ImageNet checkpoint (resnet34-b627a593.pth) for --backbone=resnet34')
 @click.option('--id_model', '--id-model', 'id_model', metavar='PTH',
               help='ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss; without it the loss is skipped')
 @click.option('--latent-only', 'latent_only', is_flag=True,
@@ -111,8 +117,8 @@ def parse_folders(value) -> list:
 @click.option('--device', type=click.Choice(['cuda', 'cpu']), default=None, help='[default: cuda if available]')
 @click.option('--progress', type=bool, default=True, show_default=True, help='Show a progress bar')
 @inf.user_errors
-def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_net, data, resume, id_model,
-         latent_only, replay, lr, neural_rendering_resolution, seed, device, progress):
+def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_net, data, resume, backbone,
+         backbone_weights, id_model, latent_only, replay, lr, neural_rendering_resolution, seed, device, progress):
     """Train an encoder that inverts photos (with their cameras) into the W+ of a frozen EG3D generator.
 
     \b
@@ -138,6 +144,13 @@ def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_n
         raise inf.InputError(f'--batch={batch} must be a multiple of --batch-gpu={batch_gpu} times the {num_gpus} '
                              'processes')
     folders = parse_folders(data)
+    if resume and (backbone != 'ir' or backbone_weights):
+        raise inf.InputError('--resume continues the backbone in its encoder file: leave --backbone and '
+                             '--backbone-weights out')
+    if (backbone == 'resnet34') != bool(backbone_weights):
+        raise inf.InputError('--backbone=resnet34 starts from ImageNet weights: pass --backbone-weights=<torchvision '
+                             'resnet34 .pth>' if backbone_weights is None else
+                             '--backbone-weights needs --backbone=resnet34 (the ir backbone trains from scratch)')
 
     # Everything the run reads is checked here, before a process starts.
     G = inf.load_generator(network_pkl)
@@ -151,6 +164,12 @@ def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_n
             files.load(resume, G)
         except files.EncoderFileError as err:
             raise inf.InputError(f'--resume: {err}') from err
+    if backbone_weights:
+        try:
+            W3DEncoder(EncoderConfig.for_generator(inf.num_ws(G), int(G.w_dim), G.img_resolution, backbone)
+                       ).load_backbone_weights(backbone_weights)
+        except BackboneWeightsError as err:
+            raise inf.InputError(f'--backbone-weights: {err}') from err
     if id_model:
         from training.arcface import IRSE50
         try:
@@ -160,7 +179,8 @@ def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_n
     inf.build_lpips(lpips_net)
     del G
 
-    c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, total_kimg=kimg,
+    c = dnnlib.EasyDict(network_pkl=network_pkl, data=folders, resume=resume, backbone=backbone,
+                        backbone_weights=backbone_weights, total_kimg=kimg,
                         snapshot_ticks=snap, batch_size=batch, batch_gpu=batch_gpu, iters=iters, lr=lr,
                         replay=replay, loss_weights=LATENT_ONLY if latent_only else None,
                         lpips_net=lpips_net, id_model=id_model, neural_rendering_resolution=neural_rendering_resolution,

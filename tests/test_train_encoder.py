@@ -109,3 +109,37 @@ def test_a_replay_that_memorizes_is_warned_about(tiny_identity, tmp_path):
     log, = (tmp_path / 'runs').glob('*/log.txt')
     assert 'draws each stored example about 2.3 times' in log.read_text()
     assert 'Use --replay=6 or less' in log.read_text()
+
+
+def test_backbone_options_are_checked_before_work_and_resnet34_trains_from_the_weights(tiny_identity, tmp_path):
+    import torch
+    import torchvision
+    from training.encoder import load
+    from training.inference import load_generator
+    base = tiny_identity / 'base.pkl'
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / 'resnet34.pth')
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / 'resnet18.pth')
+    refusals = {
+        '--backbone=resnet34 starts from ImageNet weights': ['--backbone=resnet34'],
+        '--backbone-weights needs --backbone=resnet34': ['--backbone-weights', tmp_path / 'resnet34.pth'],
+        f'--backbone-weights: {tmp_path / "resnet18.pth"}: not a ResNet-34 checkpoint':
+            ['--backbone=resnet34', '--backbone-weights', tmp_path / 'resnet18.pth'],
+        '--resume continues the backbone in its encoder file':
+            ['--resume', tmp_path / 'any.safetensors', '--backbone=resnet34'],
+    }
+    for message, flags in refusals.items():
+        result = run(['--network', base, '--outdir', tmp_path / 'refused', '--kimg=0.001', *flags, *FAST])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / 'refused').exists()
+
+    result = run(['--network', base, '--outdir', tmp_path / 'runs', '--kimg=0.001', '--backbone=resnet34',
+                  '--backbone-weights', tmp_path / 'resnet34.pth', *FAST])
+    assert result.exit_code == 0, result.output
+    path, = encoder_files(tmp_path / 'runs')
+    encoder, _, _ = load(str(path), load_generator(base))
+    assert encoder.config.backbone == 'resnet34'
+    imagenet = torch.load(tmp_path / 'resnet34.pth', weights_only=True)['layer3.0.conv1.weight']
+    trained = encoder.stages[2][0].conv1.weight
+    assert 0 < float((trained - imagenet).abs().max()) < 0.01    # started from the file, then trained a step
+    assert 'ImageNet ResNet-34 weights' in (path.parent / 'log.txt').read_text()

@@ -1,5 +1,6 @@
 """The camera-aware W+ encoder (3DpSp): an IR-style backbone with a feature pyramid, one map2style head per W+
-layer, and the 25-float camera as a condition.
+layer, and the 25-float camera as a condition. `backbone='resnet34'` puts an ImageNet ResNet-34 in the IR
+backbone's place (resnet_backbone.py), for users who have its weights.
 
     photo [N, 3, R, R] ++ current reconstruction [N, 3, R, R]  --resize-->  [N, 6, r, r]
       --stem + IR stages-->  features at r/4, r/8, r/16  --top-down pyramid (pSp)-->  fine, middle, coarse maps
@@ -24,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.encoder import resnet_backbone
+
 CAMERA_DIM = 25  # cam2world 4x4 + intrinsics 3x3, as EG3D's labels
+BACKBONES = ('ir', 'resnet34')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +46,15 @@ class EncoderConfig:
     middle_layers: int = 4             # then 4 from the middle map, the rest from the fine map
     confidence_channels: int = 0       # width of the mirrored loss's confidence head; 0 = no head (the default,
                                        # so that files written before the head existed load as they were)
+    backbone: str = 'ir'               # 'ir' (trained here) or 'resnet34' (torchvision's, for ImageNet weights)
 
     def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f'backbone must be one of {", ".join(BACKBONES)}, got {self.backbone!r}')
+        if self.backbone == 'resnet34' and (self.stem_channels, tuple(self.stage_channels), tuple(self.stage_blocks)) \
+                != (resnet_backbone.CHANNELS[0], resnet_backbone.CHANNELS, resnet_backbone.BLOCKS):
+            raise ValueError('backbone=resnet34 has ResNet-34\'s stages: stem_channels=64, stage_channels='
+                             f'{resnet_backbone.CHANNELS}, stage_blocks={resnet_backbone.BLOCKS}')
         if len(self.stage_channels) != 4 or len(self.stage_blocks) != 4:
             raise ValueError('an encoder has 4 IR stages: stage_channels and stage_blocks need 4 entries each')
         if self.input_resolution < 32 or self.input_resolution & (self.input_resolution - 1):
@@ -66,16 +77,21 @@ class EncoderConfig:
         return cls(**data)
 
     @classmethod
-    def for_generator(cls, num_ws: int, w_dim: int, img_resolution: int) -> 'EncoderConfig':
-        """The preset for a generator: pSp-like widths at 256 px for FFHQ 512, a narrow net at 64 px for small bases."""
+    def for_generator(cls, num_ws: int, w_dim: int, img_resolution: int, backbone: str = 'ir') -> 'EncoderConfig':
+        """The preset for a generator: pSp-like widths at 256 px for FFHQ 512, a narrow net at 64 px for small bases;
+        with backbone='resnet34', ResNet-34's stages in the IR stages' place (the pyramid and heads as the preset)."""
         coarse = max(1, round(3 * num_ws / 18))
         middle = max(1, round(4 * num_ws / 18))
         if img_resolution >= 256:
-            return cls(num_ws=num_ws, w_dim=w_dim, input_resolution=256, coarse_layers=coarse, middle_layers=middle,
-                       confidence_channels=64)
-        return cls(num_ws=num_ws, w_dim=w_dim, input_resolution=64, stem_channels=16,
-                   stage_channels=(16, 32, 64, 96), stage_blocks=(1, 1, 1, 1), pyramid_channels=64,
-                   camera_channels=32, coarse_layers=coarse, middle_layers=middle, confidence_channels=64)
+            preset = dict(input_resolution=256)
+        else:
+            preset = dict(input_resolution=64, stem_channels=16, stage_channels=(16, 32, 64, 96),
+                          stage_blocks=(1, 1, 1, 1), pyramid_channels=64, camera_channels=32)
+        if backbone == 'resnet34':
+            preset.update(stem_channels=resnet_backbone.CHANNELS[0], stage_channels=resnet_backbone.CHANNELS,
+                          stage_blocks=resnet_backbone.BLOCKS)
+        return cls(num_ws=num_ws, w_dim=w_dim, coarse_layers=coarse, middle_layers=middle, confidence_channels=64,
+                   backbone=backbone, **preset)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -159,14 +175,18 @@ class W3DEncoder(nn.Module):
         super().__init__()
         self.config = config
         cfg = config
-        self.stem = nn.Sequential(nn.Conv2d(6, cfg.stem_channels, 3, 1, 1, bias=False), _norm(cfg.stem_channels),
-                                  nn.PReLU(cfg.stem_channels))
-        stages, in_channels = [], cfg.stem_channels
-        for channels, blocks in zip(cfg.stage_channels, cfg.stage_blocks):
-            stages.append(nn.Sequential(*[IRBlock(in_channels if i == 0 else channels, channels, 2 if i == 0 else 1)
-                                          for i in range(blocks)]))
-            in_channels = channels
-        self.stages = nn.ModuleList(stages)  # outputs at r/2, r/4, r/8, r/16
+        if cfg.backbone == 'resnet34':
+            self.stem, self.stages = resnet_backbone.build()
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(6, cfg.stem_channels, 3, 1, 1, bias=False), _norm(cfg.stem_channels),
+                                      nn.PReLU(cfg.stem_channels))
+            stages, in_channels = [], cfg.stem_channels
+            for channels, blocks in zip(cfg.stage_channels, cfg.stage_blocks):
+                stages.append(nn.Sequential(*[IRBlock(in_channels if i == 0 else channels, channels,
+                                                      2 if i == 0 else 1) for i in range(blocks)]))
+                in_channels = channels
+            self.stages = nn.ModuleList(stages)
+        # either backbone: stage outputs at r/2, r/4, r/8, r/16
         p = cfg.pyramid_channels
         self.lateral_fine = nn.Conv2d(cfg.stage_channels[1], p, 1)
         self.lateral_middle = nn.Conv2d(cfg.stage_channels[2], p, 1)
@@ -178,6 +198,12 @@ class W3DEncoder(nn.Module):
         spatial += [r // 4] * (cfg.num_ws - len(spatial))
         self.heads = nn.ModuleList([Map2Style(p, s, cfg.camera_channels, cfg.w_dim) for s in spatial])
         self.confidence = ConfidenceHead(p, cfg.confidence_channels) if cfg.confidence_channels > 0 else None
+
+    def load_backbone_weights(self, path: str) -> None:
+        """ImageNet weights (torchvision's ResNet-34 checkpoint) into a resnet34 backbone; see resnet_backbone.py."""
+        if self.config.backbone != 'resnet34':
+            raise ValueError(f'backbone weights need backbone=resnet34; this encoder\'s is {self.config.backbone}')
+        resnet_backbone.load_imagenet(self.stem, self.stages, path)
 
     def pyramid(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Backbone + top-down pathway: {'coarse': r/16, 'middle': r/8, 'fine': r/4} maps of pyramid_channels."""
@@ -214,7 +240,7 @@ class W3DEncoder(nn.Module):
         if x.shape[-1] != r or x.shape[-2] != r:
             mode = 'area' if x.shape[-1] > r else 'bilinear'
             x = F.interpolate(x, size=(r, r), mode=mode, **({} if mode == 'area' else {'align_corners': False}))
-        return x
+        return resnet_backbone.normalize(x) if self.config.backbone == 'resnet34' else x
 
     def _residual(self, maps: Dict[str, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
         cfg = self.config

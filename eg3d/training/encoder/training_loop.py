@@ -90,6 +90,8 @@ def training_loop(
     psi_range: Tuple[float, float] = (0.4, 1.0),
     neural_rendering_resolution: Optional[int] = None,   # None = the generator's.
     encoder_config: Optional[dict] = None,    # EncoderConfig fields; None = the preset for the generator.
+    backbone: str = 'ir',                     # The preset's backbone: 'ir' or 'resnet34' (networks.BACKBONES).
+    backbone_weights: Optional[str] = None,   # ImageNet ResNet-34 checkpoint for a fresh resnet34 backbone.
     replay: int = 0,                          # Extra latent-loss updates per step from the replay buffers.
     replay_size: int = 1024,                  # Examples (iteration inputs) the replay buffers keep in all.
     random_seed: int = 0,
@@ -128,10 +130,14 @@ def training_loop(
         log(f'Continuing {resume} at {cur_nimg / 1000:g} kimg (step {step}).')
     else:
         config = EncoderConfig(**encoder_config) if encoder_config else \
-            EncoderConfig.for_generator(num_ws, w_dim, G.img_resolution)
+            EncoderConfig.for_generator(num_ws, w_dim, G.img_resolution, backbone=backbone)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_seed)
-            encoder = W3DEncoder(config).to(device)
+            encoder = W3DEncoder(config)
+        if backbone_weights:
+            encoder.load_backbone_weights(backbone_weights)
+            log(f'Backbone: ImageNet ResNet-34 weights from "{backbone_weights}".')
+        encoder = encoder.to(device)
         w_avg = mean_latent(G).to(device)
     encoder.train()
     if num_gpus > 1:
