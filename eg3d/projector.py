@@ -181,7 +181,7 @@ def noise_scale(step: int, num_steps: int, initial_scale: float, ramp: float) ->
 def adam_steps(w_opt: torch.Tensor, loss_at, num_steps: int, schedule, noise, first_seed: int, bar) -> List[float]:
     """The EG3D projector's loop: Adam at `schedule(step)`, on w plus Gaussian noise of std `noise(step)`, a new render
     seed every step. Returns the loss of every step."""
-    optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=schedule(0))
+    optimizer = torch.optim.Adam([w_opt], betas=(0.9, 0.999))   # every step sets its rate
     losses = []
     for step in range(num_steps):
         for group in optimizer.param_groups:

@@ -99,8 +99,13 @@ def test_lbfgs_spends_exactly_its_passes_and_returns_the_best_point(monkeypatch)
             assert torch.equal(result.ws, start)
         else:
             assert min(result.losses) < result.losses[0] and result.final_loss < result.initial_loss
-    assert projector.project(G, target, c, num_steps=0, w_init=start, neural_rendering_resolution=16,
-                             latent_space='w_plus', progress=False).losses == []
+    for optimizer in projector.OPTIMIZERS:   # no pass at all: the start comes back
+        for w_init in (start, None):
+            result = projector.project(G, target, c, num_steps=0, w_init=w_init, optimizer=optimizer,
+                                       neural_rendering_resolution=16, latent_space='w_plus', w_avg_samples=200,
+                                       progress=False)
+            assert result.losses == [] and result.final_loss == result.initial_loss
+    assert torch.equal(result.ws, start)
 
 
 def test_lbfgs_fits_further_than_adam_in_the_same_passes():
