@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from training.adapters.layers import AdapterLayer
+from training.riemannian import FactorPair, RiemannianAdam
 from training.schedule_free import ScheduleFreeAdam
 
 DECAYS = ('constant', 'cosine')
@@ -56,6 +57,8 @@ class Recipe:
                                          # delta is weight_gain * B A with weight_gain = fan_in^-1/2, so an A step
                                          # moves the output ~fan_in^1/2 times as much as in a narrow layer
     b_fan_in_exponent: float = 0.0       # the same for the B factors (on top of b_lr_ratio)
+    riemannian_reg: Optional[float] = None  # Riemannian-preconditioned LoRA (training/riemannian.py) with this
+                                            # damping; None = plain Adam on the raw gradients
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +89,12 @@ class Recipe:
         if self.optimizer == 'schedulefree' and (self.decay != 'constant' or self.ema_half_life is not None):
             problems.append('optimizer=schedulefree averages the iterates itself: it needs decay=constant and '
                             'ema_half_life=None')
+        if self.riemannian_reg is not None and not (isinstance(self.riemannian_reg, (int, float)) and
+                                                    self.riemannian_reg > 0 and math.isfinite(self.riemannian_reg)):
+            problems.append(f'riemannian_reg must be > 0 or None, got {self.riemannian_reg!r}')
+        if self.riemannian_reg is not None and self.optimizer != 'adam':
+            problems.append(f'riemannian_reg preconditions Adam\'s gradients: it needs optimizer=adam, got '
+                            f'{self.optimizer!r}')
         for field in ('a_fan_in_exponent', 'b_fan_in_exponent'):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= 2):
@@ -165,6 +174,19 @@ def _lr_scales(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: 
     return scales
 
 
+def _factor_pairs(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> List[FactorPair]:
+    """(lora_A, lora_B) of every adapted layer, for the Riemannian preconditioner; every trainable tensor must
+    be one of them."""
+    pairs = [(m.lora_A, m.lora_B) for m in G.modules() if isinstance(m, AdapterLayer) and m.rank > 0]
+    paired = {id(p) for pair in pairs for p in pair}
+    if any(id(p) not in paired for p in trainable):
+        raise ValueError(f'recipe {recipe.name!r}: riemannian_reg preconditions the A and B factors of LoRA '
+                         f'adapters, but this run also trains other tensors (full fine-tuning, or AdaLoRA\'s '
+                         f'singular values); use an Adam recipe without riemannian_reg')
+    trained = {id(p) for p in trainable}
+    return [(A, B) for A, B in pairs if id(A) in trained and id(B) in trained]
+
+
 def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     """Adam (or schedule-free Adam) over `trainable` (in that order). Each group records `lr_scale`, its rate
     relative to recipe.lr.
@@ -179,6 +201,9 @@ def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], reci
     groups = list(groups.values())
     for group in groups:
         group['lr'] = recipe.lr * group['lr_scale']
+    if recipe.riemannian_reg is not None:
+        return RiemannianAdam(groups, _factor_pairs(G, trainable, recipe), recipe.riemannian_reg, lr=recipe.lr,
+                              betas=recipe.betas, eps=recipe.eps)
     if recipe.optimizer == 'schedulefree':
         return ScheduleFreeAdam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
     return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
