@@ -24,7 +24,7 @@ from training.schedule_free import ScheduleFreeAdam
 
 DECAYS = ('constant', 'cosine')
 OPTIMIZERS = ('adam', 'schedulefree')
-# The class each optimizer builds, as training_options.json records it (G_opt_kwargs, EG3D's key).
+# The class each optimizer builds (Recipe.optimizer_class).
 OPTIMIZER_CLASSES = dict(adam='torch.optim.Adam', schedulefree='training.schedule_free.ScheduleFreeAdam')
 INITS = ('random', 'gradient')
 # The fan-in at which a fan-in exponent leaves a factor's rate unchanged: EG3D's w_dim, the fan-in of every
@@ -102,6 +102,13 @@ class Recipe:
         if problems:
             raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
+
+    @property
+    def optimizer_class(self) -> str:
+        """The class make_optimizer builds, as training_options.json records it (G_opt_kwargs, EG3D's key)."""
+        if self.riemannian_reg is not None:
+            return 'training.riemannian.RiemannianAdam'
+        return OPTIMIZER_CLASSES[self.optimizer]
 
     @property
     def scales_by_fan_in(self) -> bool:

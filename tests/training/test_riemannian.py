@@ -49,6 +49,8 @@ def test_the_recipe_field_builds_the_preconditioned_adam_over_every_lora_pair():
     recipe = recipes.Recipe('riem', lr=0.01, betas=(0.9, 0.99), b_lr_ratio=4.0, riemannian_reg=0.01)
     optimizer = recipes.make_optimizer(G, trainable, recipe)
     assert isinstance(optimizer, riemannian.RiemannianAdam) and optimizer.reg == 0.01
+    assert recipe.optimizer_class == 'training.riemannian.RiemannianAdam'  # what training_options.json records
+    assert recipes.get_recipe('adapter').optimizer_class == 'torch.optim.Adam'
     assert len(optimizer.pairs) * 2 == len(trainable) == sum(len(g['params']) for g in optimizer.param_groups)
     assert [g['lr_scale'] for g in optimizer.param_groups] == [1.0, 4.0]
     A, B = next((A, B) for A, B in optimizer.pairs if A.shape[1] == 1)  # one row: a scalar preconditioner
