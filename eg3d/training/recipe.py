@@ -28,7 +28,7 @@ OPTIMIZERS = ('adam', 'schedulefree')
 OPTIMIZER_CLASSES = dict(adam='torch.optim.Adam', schedulefree='training.schedule_free.ScheduleFreeAdam')
 INITS = ('random', 'gradient')
 # The fan-in at which a fan-in exponent leaves a factor's rate unchanged: EG3D's w_dim, the fan-in of every
-# affine (style) layer, which is also the median fan-in of the adapted layers of the tiny and FFHQ generators.
+# affine (style) layer (also the median fan-in of the tiny generator's adapted layers).
 FAN_IN_REFERENCE = 512
 
 
@@ -195,8 +195,8 @@ def _factor_pairs(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recip
 
 
 def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
-    """Adam (or schedule-free Adam) over `trainable` (in that order). Each group records `lr_scale`, its rate
-    relative to recipe.lr.
+    """Adam (schedule-free, or on Riemannian-preconditioned gradients) over `trainable` (in that order). Each
+    group records `lr_scale`, its rate relative to recipe.lr.
 
     Tensors at the same rate share a group, in the order of their first tensor, so without LoRA+ and
     fan-in exponents there is one group, exactly the optimizer EG3D builds; with LoRA+ alone, the A
