@@ -1,7 +1,8 @@
 """Riemannian-preconditioned LoRA: the preconditioned gradients by hand, the step's independence of the
-factorisation, and the recipe field that builds it."""
+factorisation, the recipe field that builds it, and a run with it that resumes exactly."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from training import adapters
 from training import recipe as recipes
@@ -81,3 +82,13 @@ def test_adalora_and_full_fine_tuning_are_refused():
 def test_bad_settings_are_refused_with_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
         recipes.Recipe('riem', lr=0.01, betas=(0.9, 0.99), **changes)
+
+
+def test_a_run_with_the_preconditioner_and_fan_in_rates_resumes_exactly(train_tiny, resume_halfway, tmp_path):
+    recipe = recipes.Recipe('riem-fan-in', lr=0.02, betas=(0.9, 0.99), warmup=0.25, decay='cosine', final_lr=0.0,
+                            b_lr_ratio=4.0, a_fan_in_exponent=0.5, riemannian_reg=0.1).to_dict()
+    run = tmp_path / 'run'
+    train_tiny(run, recipe)
+    trained = load_file(str(run / 'adapter-000000.004.safetensors'))
+    assert any(k.endswith('lora_B') and v.abs().max() > 0 for k, v in trained.items())  # it trained
+    resume_halfway(run, recipe)  # the groups and the preconditioned Adam state come back as they were
