@@ -86,7 +86,8 @@ def test_without_fan_in_exponents_the_groups_are_unchanged(adapted):
     G, trainable = adapted
     recipe = recipes.get_recipe(recipes.DEFAULT_RECIPE)
     assert recipe.a_fan_in_exponent == recipe.b_fan_in_exponent == 0
-    assert [g['lr_scale'] for g in recipes.make_optimizer(G, trainable, recipe).param_groups] == [1.0, recipe.b_lr_ratio]
+    optimizer = recipes.make_optimizer(G, trainable, recipe)
+    assert [g['lr_scale'] for g in optimizer.param_groups] == [1.0, recipe.b_lr_ratio]
 
 
 def test_fan_in_exponents_are_refused_for_full_fine_tuning():
