@@ -68,6 +68,12 @@ VARIANTS = {
     'adapter-sf-lr0.01': dict(SCHEDULE_FREE, lr=0.01),
     'adapter-sf-warmup0.2': dict(SCHEDULE_FREE, warmup=0.2),
     'adapter-sf-b2': dict(SCHEDULE_FREE, b_lr_ratio=2.0),      # B at 0.04: z has no momentum to damp its steps
+    'adapter-fanin0.5': dict(a_fan_in_exponent=0.5),          # A's rate * (fan_in / 512)^-1/2 per layer
+    'adapter-fanin0.25': dict(a_fan_in_exponent=0.25),
+    'adapter-fanin0.5-b': dict(a_fan_in_exponent=0.5, b_fan_in_exponent=-0.5),  # and B's * (fan_in / 512)^+1/2
+    'adapter-riemannian': dict(riemannian_reg=0.01),          # Riemannian-preconditioned LoRA, PEFT's damping
+    'adapter-riemannian-reg0.1': dict(riemannian_reg=0.1),
+    'adapter-sf-fanin0.5': dict(SCHEDULE_FREE, a_fan_in_exponent=0.5),  # schedule-free with the fan-in rates
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }

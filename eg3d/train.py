@@ -21,7 +21,7 @@ from training import training_loop
 from training import validation
 from training.dataset import DatasetError, IdentitySet
 from training.options import TrainingOptions
-from training.recipe import DEFAULT_RECIPE, OPTIMIZER_CLASSES, RECIPES
+from training.recipe import DEFAULT_RECIPE, RECIPES
 
 #----------------------------------------------------------------------------
 
@@ -361,7 +361,7 @@ def main(**kwargs):
         resume_pkl=opts.resume, trust_pickle=opts.trust_pickle, cfg=opts.cfg,
         g_num_fp16_res=opts.g_num_fp16_res, sr_num_fp16_res=opts.sr_num_fp16_res,
         adapter_config=adapter_config, freeze_render=opts.freeze_render, mode=mode,
-        G_opt_kwargs=dict(class_name=OPTIMIZER_CLASSES[recipe.optimizer], lr=recipe.lr, betas=list(recipe.betas),
+        G_opt_kwargs=dict(class_name=recipe.optimizer_class, lr=recipe.lr, betas=list(recipe.betas),
                           eps=recipe.eps),
         recipe=recipe.to_dict(),
         val_views=opts.val_views, val_data=opts.val_data, early_stop=opts.early_stop,

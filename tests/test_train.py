@@ -60,7 +60,8 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
     assert c.G_opt_kwargs == dict(class_name='torch.optim.Adam', lr=0.0025, betas=[0.0, 0.99], eps=1e-8)
     assert c.recipe == dict(name='my3dgen', lr=0.0025, betas=[0.0, 0.99], eps=1e-8, warmup=0.0, decay='constant',
                             final_lr=1.0, b_lr_ratio=1.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
-                            init='random', init_passes=2, optimizer='adam')  # PEFT's random A, B = 0; passes unused
+                            init='random', init_passes=2, optimizer='adam',  # PEFT's random A, B = 0; passes unused
+                            a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None)
 
 
 def test_the_schedule_free_recipe_is_recorded_with_its_optimizer(identity, tmp_path, monkeypatch, capsys):

@@ -3,7 +3,8 @@
 A recipe is plain data (`Recipe`, serialisable to a dict for training_options.json):
 
   optimizer = make_optimizer(G, trainable, recipe)    # Adam (or schedule-free Adam); LoRA+ puts the B
-                                                      # factors in their own group
+                                                      # factors in their own group, a fan-in exponent
+                                                      # gives each layer's factors their own rate
   per step:   set_learning_rate(optimizer, recipe, cur_nimg, total_nimg)   # warm-up, then decay
               clip_gradients(trainable, recipe)        # after the all-reduce, before the step
 
@@ -17,13 +18,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from training.adapters.layers import AdapterLayer
+from training.riemannian import FactorPair, RiemannianAdam
 from training.schedule_free import ScheduleFreeAdam
 
 DECAYS = ('constant', 'cosine')
 OPTIMIZERS = ('adam', 'schedulefree')
-# The class each optimizer builds, as training_options.json records it (G_opt_kwargs, EG3D's key).
+# The class each optimizer builds (Recipe.optimizer_class).
 OPTIMIZER_CLASSES = dict(adam='torch.optim.Adam', schedulefree='training.schedule_free.ScheduleFreeAdam')
 INITS = ('random', 'gradient')
+# The fan-in at which a fan-in exponent leaves a factor's rate unchanged: EG3D's w_dim, the fan-in of every
+# affine (style) layer (also the median fan-in of the tiny generator's adapted layers).
+FAN_IN_REFERENCE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,12 @@ class Recipe:
     init_passes: int = 2                 # init='gradient': forward/backward passes on the first batch (no new images)
     optimizer: str = 'adam'              # 'adam', or 'schedulefree' (training/schedule_free.py: its own average
                                          # replaces the decay and the EMA, so decay='constant' and no EMA)
+    a_fan_in_exponent: float = 0.0       # each layer's A factor at rate * (fan_in / FAN_IN_REFERENCE)^-exponent: the
+                                         # delta is weight_gain * B A with weight_gain = fan_in^-1/2, so an A step
+                                         # moves the output ~fan_in^1/2 times as much as in a narrow layer
+    b_fan_in_exponent: float = 0.0       # the same for the B factors (on top of b_lr_ratio)
+    riemannian_reg: Optional[float] = None  # Riemannian-preconditioned LoRA (training/riemannian.py) with this
+                                            # damping; None = plain Adam on the raw gradients
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,9 +89,30 @@ class Recipe:
         if self.optimizer == 'schedulefree' and (self.decay != 'constant' or self.ema_half_life is not None):
             problems.append('optimizer=schedulefree averages the iterates itself: it needs decay=constant and '
                             'ema_half_life=None')
+        if self.riemannian_reg is not None and not (isinstance(self.riemannian_reg, (int, float)) and
+                                                    self.riemannian_reg > 0 and math.isfinite(self.riemannian_reg)):
+            problems.append(f'riemannian_reg must be > 0 or None, got {self.riemannian_reg!r}')
+        if self.riemannian_reg is not None and self.optimizer != 'adam':
+            problems.append(f'riemannian_reg preconditions Adam\'s gradients: it needs optimizer=adam, got '
+                            f'{self.optimizer!r}')
+        for field in ('a_fan_in_exponent', 'b_fan_in_exponent'):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= 2):
+                problems.append(f'{field} must be a number in [-2, 2], got {value!r}')
         if problems:
             raise ValueError(f'recipe {self.name!r}: ' + '; '.join(problems))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
+
+    @property
+    def optimizer_class(self) -> str:
+        """The class make_optimizer builds, as training_options.json records it (G_opt_kwargs, EG3D's key)."""
+        if self.riemannian_reg is not None:
+            return 'training.riemannian.RiemannianAdam'
+        return OPTIMIZER_CLASSES[self.optimizer]
+
+    @property
+    def scales_by_fan_in(self) -> bool:
+        return self.a_fan_in_exponent != 0 or self.b_fan_in_exponent != 0
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(dataclasses.asdict(self), betas=list(self.betas))
@@ -125,21 +158,59 @@ def _is_b_factor(name: str) -> bool:
     return name.endswith('.lora_B')
 
 
-def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
-    """Adam (or schedule-free Adam) over `trainable` (in that order). Each group records `lr_scale`, its rate
-    relative to recipe.lr.
+def _lr_scales(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> List[float]:
+    """Each trainable tensor's rate relative to recipe.lr: b_lr_ratio for the B factors (LoRA+), times
+    (fan_in / FAN_IN_REFERENCE)^-exponent for the A and B factors of a layer with that fan-in (AdaLoRA's
+    singular values E keep the base rate)."""
+    b_ids = {id(p) for name, p in G.named_parameters() if _is_b_factor(name)}
+    fan_ins, adapter_ids = {}, set()
+    for module in G.modules():
+        if isinstance(module, AdapterLayer):
+            fan_ins[id(module.lora_A)] = fan_ins[id(module.lora_B)] = module.fan_in
+            adapter_ids.update(id(p) for p in module.adapter_parameters())
+    if recipe.scales_by_fan_in and any(id(p) not in adapter_ids for p in trainable):
+        raise ValueError(f'recipe {recipe.name!r}: a fan-in exponent scales the rates of adapter factors, but '
+                         f'full fine-tuning trains the base weights; use a recipe without a_fan_in_exponent and '
+                         f'b_fan_in_exponent')
+    scales = []
+    for p in trainable:
+        is_b = id(p) in b_ids
+        exponent = recipe.b_fan_in_exponent if is_b else recipe.a_fan_in_exponent
+        fan_in_scale = (fan_ins[id(p)] / FAN_IN_REFERENCE) ** -exponent if id(p) in fan_ins and exponent else 1.0
+        scales.append((recipe.b_lr_ratio if is_b else 1.0) * fan_in_scale)
+    return scales
 
-    With b_lr_ratio != 1 (LoRA+) the B factors of the adapters get their own group; otherwise there
-    is one group, exactly the optimizer EG3D builds.
+
+def _factor_pairs(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> List[FactorPair]:
+    """(lora_A, lora_B) of every adapted layer, for the Riemannian preconditioner; every trainable tensor must
+    be one of them."""
+    pairs = [(m.lora_A, m.lora_B) for m in G.modules() if isinstance(m, AdapterLayer) and m.rank > 0]
+    paired = {id(p) for pair in pairs for p in pair}
+    if any(id(p) not in paired for p in trainable):
+        raise ValueError(f'recipe {recipe.name!r}: riemannian_reg preconditions the A and B factors of LoRA '
+                         f'adapters, but this run also trains other tensors (full fine-tuning, or AdaLoRA\'s '
+                         f'singular values); use an Adam recipe without riemannian_reg')
+    trained = {id(p) for p in trainable}
+    return [(A, B) for A, B in pairs if id(A) in trained and id(B) in trained]
+
+
+def make_optimizer(G: torch.nn.Module, trainable: List[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    """Adam (schedule-free, or on Riemannian-preconditioned gradients) over `trainable` (in that order). Each
+    group records `lr_scale`, its rate relative to recipe.lr.
+
+    Tensors at the same rate share a group, in the order of their first tensor, so without LoRA+ and
+    fan-in exponents there is one group, exactly the optimizer EG3D builds; with LoRA+ alone, the A
+    factors' group and the B factors' group.
     """
-    groups = [dict(params=list(trainable), lr_scale=1.0)]
-    if recipe.b_lr_ratio != 1:
-        b_ids = {id(p) for name, p in G.named_parameters() if _is_b_factor(name)}
-        groups = [dict(params=[p for p in trainable if id(p) not in b_ids], lr_scale=1.0),
-                  dict(params=[p for p in trainable if id(p) in b_ids], lr_scale=recipe.b_lr_ratio)]
-        groups = [g for g in groups if g['params']]
+    groups: Dict[float, dict] = {}
+    for p, scale in zip(trainable, _lr_scales(G, trainable, recipe)):
+        groups.setdefault(scale, dict(params=[], lr_scale=scale))['params'].append(p)
+    groups = list(groups.values())
     for group in groups:
         group['lr'] = recipe.lr * group['lr_scale']
+    if recipe.riemannian_reg is not None:
+        return RiemannianAdam(groups, _factor_pairs(G, trainable, recipe), recipe.riemannian_reg, lr=recipe.lr,
+                              betas=recipe.betas, eps=recipe.eps)
     if recipe.optimizer == 'schedulefree':
         return ScheduleFreeAdam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
     return torch.optim.Adam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)

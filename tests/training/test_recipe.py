@@ -55,6 +55,60 @@ def test_lora_plus_gives_the_b_factors_their_own_rate(adapted):
     assert b_group['lr'] == pytest.approx(4 * a_group['lr']) and a_group['lr'] == pytest.approx(0.01)
 
 
+def _group_lr(optimizer, param):
+    return next(g['lr'] for g in optimizer.param_groups if any(p is param for p in g['params']))
+
+
+def test_fan_in_exponents_give_each_layers_factors_their_own_rate(adapted):
+    G, trainable = adapted
+    recipe = recipes.Recipe('test', lr=0.01, betas=(0.9, 0.99), warmup=0.5, b_lr_ratio=4.0, a_fan_in_exponent=0.5,
+                            b_fan_in_exponent=-0.5)
+    optimizer = recipes.make_optimizer(G, trainable, recipe)
+    layers = dict(G.named_modules())
+    wide = layers['superresolution.block0.conv1']      # 128 channels x 3x3: fan-in 1152
+    narrow = layers['backbone.synthesis.b256.torgb']    # 8 channels x 1x1: fan-in 8
+    style = layers['superresolution.block0.conv1.base_layer.affine']  # w_dim: fan-in 512, the reference
+    assert (wide.fan_in, narrow.fan_in, style.fan_in) == (1152, 8, 512)
+    factor = recipes.lr_factor(recipe, 10, 100)  # mid warm-up: every group follows the same schedule
+    recipes.set_learning_rate(optimizer, recipe, 10, 100)
+    assert _group_lr(optimizer, wide.lora_A) == pytest.approx(0.01 * factor / 1.5)       # (1152/512)^-1/2 = 1/1.5
+    assert _group_lr(optimizer, wide.lora_B) == pytest.approx(0.04 * factor * 1.5)
+    assert _group_lr(optimizer, narrow.lora_A) == pytest.approx(0.01 * factor * 8)       # (8/512)^-1/2 = 8
+    assert _group_lr(optimizer, narrow.lora_B) == pytest.approx(0.04 * factor / 8)
+    assert _group_lr(optimizer, style.lora_A) == pytest.approx(0.01 * factor)
+    assert _group_lr(optimizer, style.lora_B) == pytest.approx(0.04 * factor)
+    grouped = [p for g in optimizer.param_groups for p in g['params']]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    assert len({g['lr_scale'] for g in optimizer.param_groups}) == len(optimizer.param_groups)  # one group per rate
+
+
+def test_without_fan_in_exponents_the_groups_are_unchanged(adapted):
+    G, trainable = adapted
+    recipe = recipes.get_recipe(recipes.DEFAULT_RECIPE)
+    assert recipe.a_fan_in_exponent == recipe.b_fan_in_exponent == 0
+    optimizer = recipes.make_optimizer(G, trainable, recipe)
+    assert [g['lr_scale'] for g in optimizer.param_groups] == [1.0, recipe.b_lr_ratio]
+
+
+def test_fan_in_exponents_are_refused_for_full_fine_tuning():
+    G = si.build_tiny_generator(0)
+    trainable = [p for name, p in G.named_parameters() if name.startswith('superresolution.')]
+    recipe = recipes.Recipe('test', lr=0.01, betas=(0.9, 0.99), a_fan_in_exponent=0.5)
+    with pytest.raises(ValueError, match="recipe 'test': a fan-in exponent .* full fine-tuning"):
+        recipes.make_optimizer(G, trainable, recipe)
+
+
+def test_adalora_singular_values_keep_the_base_rate_under_fan_in_exponents():
+    G = si.build_tiny_generator(0)
+    adapters.inject(G, adapters.AdapterConfig(adalora=True, init_r=2))
+    trainable = adapters.trainable_parameters(G)
+    recipe = recipes.Recipe('test', lr=0.01, betas=(0.9, 0.99), a_fan_in_exponent=0.5)
+    optimizer = recipes.make_optimizer(G, trainable, recipe)
+    narrow = dict(G.named_modules())['backbone.synthesis.b256.torgb']
+    assert _group_lr(optimizer, narrow.lora_E) == pytest.approx(0.01)
+    assert _group_lr(optimizer, narrow.lora_A) == pytest.approx(0.08)
+
+
 def test_clipping_bounds_the_global_gradient_norm():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     params[0].grad, params[1].grad = torch.full([3], 3.0), torch.full([4], 4.0)
@@ -68,6 +122,8 @@ def test_clipping_bounds_the_global_gradient_norm():
     (dict(decay='step'), 'decay'), (dict(b_lr_ratio=0), 'b_lr_ratio'), (dict(grad_clip=-1.0), 'grad_clip'),
     (dict(ema_half_life=0.0), 'ema_half_life'), (dict(ema_rampup=-0.5), 'ema_rampup'),
     (dict(init='svd'), 'init must be one of'), (dict(init_passes=0), 'init_passes'),
+    (dict(a_fan_in_exponent=float('nan')), 'a_fan_in_exponent'), (dict(b_fan_in_exponent=3.0), 'b_fan_in_exponent'),
+    (dict(a_fan_in_exponent='0.5'), 'a_fan_in_exponent'),
 ])
 def test_bad_recipes_are_refused_with_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -78,5 +134,9 @@ def test_overrides_and_round_trip():
     recipe = recipes.get_recipe(recipes.DEFAULT_RECIPE).with_overrides(lr=0.5, betas=[0.5, 0.9])
     assert recipe.lr == 0.5 and recipe.betas == (0.5, 0.9)
     assert recipes.Recipe.from_dict(recipe.to_dict()) == recipe
+    scaled = recipes.Recipe('scaled', lr=0.01, betas=(0.9, 0.99), a_fan_in_exponent=0.5, b_fan_in_exponent=-0.25)
+    assert recipes.Recipe.from_dict(scaled.to_dict()) == scaled
+    recorded = {k: v for k, v in scaled.to_dict().items() if not k.endswith('fan_in_exponent')}  # a state saved before
+    assert recipes.Recipe.from_dict(recorded).a_fan_in_exponent == 0.0                          # these fields
     with pytest.raises(ValueError, match='unknown recipe'):
         recipes.get_recipe('fast')
