@@ -16,7 +16,8 @@ from train import _torchrun_env, make_run_dir, run_processes
 from training import inference as inf
 from training.encoder import files
 from training.encoder.data import FolderSet
-from training.encoder.networks import BACKBONES, EncoderConfig, W3DEncoder
+from training.encoder import resnet_backbone
+from training.encoder.networks import BACKBONES
 from training.encoder.resnet_backbone import BackboneWeightsError
 from training.encoder.training_loop import training_loop
 
@@ -166,8 +167,7 @@ def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_n
             raise inf.InputError(f'--resume: {err}') from err
     if backbone_weights:
         try:
-            W3DEncoder(EncoderConfig.for_generator(inf.num_ws(G), int(G.w_dim), G.img_resolution, backbone)
-                       ).load_backbone_weights(backbone_weights)
+            resnet_backbone.load_imagenet(*resnet_backbone.build(), backbone_weights)  # the backbone alone
         except BackboneWeightsError as err:
             raise inf.InputError(f'--backbone-weights: {err}') from err
     if id_model:
