@@ -49,9 +49,7 @@ def generator_kwargs(name: str) -> dict:
         return configs.generator_kwargs('ffhq', 512)
     if name == 'tiny':
         return synthetic_identity.tiny_generator_kwargs()
-    kwargs = configs.generator_kwargs('ffhq', 128, sr_num_fp16_res=0)
-    kwargs['rendering_kwargs'].update(depth_resolution=12, depth_resolution_importance=12)
-    return kwargs
+    return synthetic_identity.reduced_ffhq_generator_kwargs()
 
 
 class _AddLowRank(torch.nn.Module):

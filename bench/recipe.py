@@ -20,6 +20,10 @@ Per recipe (mean, and the spread over identities and seeds as min-max):
 Writes results.json and curves.png (mean curve per recipe, min-max band) under --outdir; runs that
 already finished there are reused. Variants for ablations are named `adapter-<change>` (see VARIANTS).
 
+`--config=reduced` builds the identities on a generator with FFHQ's backbone widths (conv fan-ins up to 4608,
+against 8-1152 on the tiny base) at 128 px, rendered and trained at 64 px: a check that a recipe tuned on the
+tiny base transfers to the official layer shapes (seconds per step instead of a fraction of one).
+
 `--budgets` adds shorter runs of the other recipes, named `<recipe>@<fraction>`: the same recipe trained
 with `--kimg` times the fraction, each with its own full schedule and EMA (they are fractions of the run),
 validated as often per run (the tick scales too, at least one step). They are scored against My3DGen's best
@@ -46,6 +50,9 @@ from training import synthetic_identity as si  # noqa: E402
 
 # Schedule-free Adam (training/schedule_free.py) in the default's place: constant rate after the warm-up, no EMA.
 SCHEDULE_FREE = dict(optimizer='schedulefree', decay='constant', final_lr=1.0, ema_half_life=None, ema_rampup=None)
+
+# --config: (generator kwargs of the identities' base, or None for the tiny one; neural rendering resolution).
+CONFIGS = {'tiny': (None, 32), 'reduced': (si.reduced_ffhq_generator_kwargs, 64)}
 
 # Ablations of the default recipe: one change each.
 VARIANTS = {
@@ -124,7 +131,8 @@ def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick:
     recipe = get_recipe(name)
     changed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
                if f.default is dataclasses.MISSING or getattr(recipe, f.name) != f.default}
-    key = json.dumps([changed, args.batch, args.kimg if kimg is None else kimg, args.tick if tick is None else tick],
+    config = [] if args.config == 'tiny' else [args.config]  # keeps the tiny runs' hashes of earlier rounds
+    key = json.dumps(config + [changed, args.batch, args.kimg if kimg is None else kimg, args.tick if tick is None else tick],
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
@@ -146,7 +154,7 @@ def train_one(job: dict) -> str:
     import io
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         training_loop(run_dir=job['run_dir'], training_set_kwargs=dict(path=job['train']), resume_pkl=job['base_pkl'],
-                      cfg='resume', neural_rendering_resolution=32, batch_size=job['batch'], batch_gpu=job['batch'],
+                      cfg='resume', neural_rendering_resolution=job['nrr'], batch_size=job['batch'], batch_gpu=job['batch'],
                       total_kimg=job['kimg'], kimg_per_tick=job['tick'], network_snapshot_ticks=10**6,
                       random_seed=job['seed'], device='cpu', grid_rows=0, progress_bar=False,
                       loss_kwargs=dict(lpips_net='none'), adapter_config=dict(r=1, alpha=1.0),
@@ -276,6 +284,8 @@ def main() -> None:
     parser.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
     parser.add_argument('--budgets', default='1', help='run lengths as fractions of --kimg, e.g. 1,0.2,0.1: '
                         'every recipe but my3dgen is also run that much shorter (named <recipe>@<fraction>)')
+    parser.add_argument('--config', choices=list(CONFIGS), default='tiny',
+                        help="identities' base: the tiny generator, or FFHQ's layer widths at 128 px (reduced)")
     parser.add_argument('--outdir', default='bench-out/recipe')
     args = parser.parse_args()
 
@@ -288,14 +298,16 @@ def main() -> None:
     names = [label for label, _, _ in runs]
     seeds = [int(s) for s in args.seeds.split(',')]
     jobs = []
+    overrides, nrr = CONFIGS[args.config]
     for k in range(args.identities):
+        extra = {} if overrides is None else dict(generator_overrides=overrides(), neural_rendering_resolution=nrr)
         person = si.ensure_identity(os.path.join(args.outdir, f'identity-{k}'), seed=10 * k, views=args.views,
-                                    heldout=args.heldout, strength=args.strength)
+                                    heldout=args.heldout, strength=args.strength, **extra)
         for seed in seeds:
             for label, name, budget in runs:
                 kimg, tick = budget_run(args.kimg, args.tick, args.batch, budget)
                 jobs.append(dict(train=person.train, heldout=person.heldout, base_pkl=person.base_pkl, recipe=name,
-                                 label=label, seed=seed, batch=args.batch, kimg=kimg, tick=tick,
+                                 label=label, seed=seed, batch=args.batch, nrr=nrr, kimg=kimg, tick=tick,
                                  key=f'identity-{k}/seed-{seed}',
                                  run_dir=os.path.join(args.outdir, 'runs', f'identity-{k}', f'seed-{seed}',
                                                       f'{name}-{settings_hash(name, args, kimg, tick)}')))

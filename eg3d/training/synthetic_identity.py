@@ -53,6 +53,16 @@ def tiny_generator_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def reduced_ffhq_generator_kwargs() -> dict:
+    """FFHQ's backbone widths (channel_base 32768, channel_max 512: conv fan-ins up to 4608) at 128 px output
+    (SuperresolutionHybrid2X, fp32) with 12 + 12 samples per ray: a CPU step takes seconds, while adapted
+    layers have the shapes they have in the official FFHQ 512 generator."""
+    from training import configs
+    kwargs = configs.generator_kwargs('ffhq', 128, sr_num_fp16_res=0)
+    kwargs['rendering_kwargs'].update(depth_resolution=12, depth_resolution_importance=12)
+    return kwargs
+
+
 def build_tiny_generator(seed: int = 0, sr_residual_gain: float = 0.1, **overrides) -> torch.nn.Module:
     """Small random TriPlaneGenerator in eval mode, a pure function of `seed` (as the golden tiny128).
 

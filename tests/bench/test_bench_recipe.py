@@ -22,7 +22,7 @@ def test_a_short_run_has_its_own_length_and_tick_and_the_full_run_keeps_its_cach
     assert bench_recipe.budget_run(0.12, 0.008, 2, 1.0) == (0.12, 0.008)
     assert bench_recipe.budget_run(0.12, 0.008, 2, 0.2) == (0.024, 0.002)  # 24 images, validated every step
     assert bench_recipe.budget_run(0.4, 0.05, 4, 0.5) == (0.2, 0.024)       # 25 images per tick -> 6 steps
-    args = argparse.Namespace(batch=2, kimg=0.12, tick=0.008)
+    args = argparse.Namespace(batch=2, kimg=0.12, tick=0.008, config='tiny')
     full = bench_recipe.settings_hash('adapter', args)
     assert bench_recipe.settings_hash('adapter', args, 0.12, 0.008) == full
     assert bench_recipe.settings_hash('adapter', args, 0.024, 0.002) != full
@@ -63,3 +63,13 @@ def test_every_variant_is_a_valid_recipe_that_differs_from_the_default():
         recipe = bench_recipe.get_recipe(name)  # a schedule-free variant that kept the cosine or the EMA is refused
         assert recipe.name == name and recipe.to_dict() != dict(default.to_dict(), name=name), name
     assert bench_recipe.get_recipe('adapter-sf').optimizer == 'schedulefree'
+
+
+def test_the_reduced_config_has_ffhqs_layer_widths_and_its_own_cache_key():
+    kwargs = bench_recipe.CONFIGS['reduced'][0]()
+    assert (kwargs['channel_base'], kwargs['channel_max'], kwargs['img_resolution']) == (32768, 512, 128)
+    assert kwargs['rendering_kwargs']['superresolution_module'].endswith('SuperresolutionHybrid2X')
+    assert bench_recipe.CONFIGS['tiny'] == (None, 32)
+    tiny = argparse.Namespace(batch=4, kimg=0.4, tick=0.05, config='tiny')
+    reduced = argparse.Namespace(batch=4, kimg=0.4, tick=0.05, config='reduced')
+    assert bench_recipe.settings_hash('adapter', tiny) != bench_recipe.settings_hash('adapter', reduced)
