@@ -132,8 +132,8 @@ def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick:
     changed = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
                if f.default is dataclasses.MISSING or getattr(recipe, f.name) != f.default}
     config = [] if args.config == 'tiny' else [args.config]  # keeps the tiny runs' hashes of earlier rounds
-    key = json.dumps(config + [changed, args.batch, args.kimg if kimg is None else kimg, args.tick if tick is None else tick],
-                     sort_keys=True)
+    length = [args.kimg if kimg is None else kimg, args.tick if tick is None else tick]
+    key = json.dumps(config + [changed, args.batch] + length, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
@@ -154,7 +154,8 @@ def train_one(job: dict) -> str:
     import io
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         training_loop(run_dir=job['run_dir'], training_set_kwargs=dict(path=job['train']), resume_pkl=job['base_pkl'],
-                      cfg='resume', neural_rendering_resolution=job['nrr'], batch_size=job['batch'], batch_gpu=job['batch'],
+                      cfg='resume', neural_rendering_resolution=job['nrr'], batch_size=job['batch'],
+                      batch_gpu=job['batch'],
                       total_kimg=job['kimg'], kimg_per_tick=job['tick'], network_snapshot_ticks=10**6,
                       random_seed=job['seed'], device='cpu', grid_rows=0, progress_bar=False,
                       loss_kwargs=dict(lpips_net='none'), adapter_config=dict(r=1, alpha=1.0),
