@@ -59,6 +59,9 @@ class Recipe:
     b_fan_in_exponent: float = 0.0       # the same for the B factors (on top of b_lr_ratio)
     riemannian_reg: Optional[float] = None  # Riemannian-preconditioned LoRA (training/riemannian.py) with this
                                             # damping; None = plain Adam on the raw gradients
+    step_search: Optional[float] = None  # after each step, a quadratic fit of the batch loss along it (one more
+                                         # forward pass, training/step_search.py) scales it by a factor in
+                                         # [0, step_search]; None = the optimizer's step as it is
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,6 +98,12 @@ class Recipe:
         if self.riemannian_reg is not None and self.optimizer != 'adam':
             problems.append(f'riemannian_reg preconditions Adam\'s gradients: it needs optimizer=adam, got '
                             f'{self.optimizer!r}')
+        if self.step_search is not None and not (isinstance(self.step_search, (int, float)) and
+                                                 0 < self.step_search <= 100 and math.isfinite(self.step_search)):
+            problems.append(f'step_search must be a number in (0, 100] or None, got {self.step_search!r}')
+        if self.step_search is not None and self.optimizer != 'adam':
+            problems.append(f'step_search scales the step the parameters take, but optimizer={self.optimizer!r} '
+                            f'keeps its own iterates: it needs optimizer=adam')
         for field in ('a_fan_in_exponent', 'b_fan_in_exponent'):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= 2):

@@ -3,7 +3,9 @@
     indices of the global batch (balanced over identities) -> this process's chunks:
         each chunk: select its identities' adapters, seed the RNG (chunk_seed), loss, backward
     (AdaLoRA: orthogonality of P and Q) -> gradients summed over processes (NaN/inf counted, replaced)
-    -> (clip) -> Adam at the recipe's rate -> (AdaLoRA: budget and masks)
+    -> (clip) -> Adam at the recipe's rate
+    -> (step search: the same chunks forward again at the new parameters, the step rescaled; step_search.py)
+    -> (AdaLoRA: budget and masks)
 
 Randomness is a pure function of (random_seed, step, chunk), so the result does not depend on how
 chunks are spread over processes. With K identities the batch loss is multiplied by K: an adapter
@@ -11,13 +13,13 @@ gets gradients only from its identity's B / K samples, exactly the gradient of a
 with batch B / K (the scale matters: Adam's eps is not scale-free).
 """
 
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from torch_utils import misc
-from training import adapters
+from training import adapters, step_search
 from training import recipe as recipes
 from training.loss import PersonalizationLoss
 from training.options import TrainingOptions
@@ -88,8 +90,16 @@ class TrainingStep:
             terms['total'] += float(orth.detach()) / o.num_gpus
 
         nonfinite = all_reduce_gradients(trainables.params, o.num_gpus)
+        searched = self.recipe.step_search is not None
+        if searched:  # the start and the true gradient (before clipping) of the line the search looks along
+            before = [p.detach().clone() for p in trainables.params]
+            grads = [p.grad.detach().clone() for p in trainables.params]
         recipes.clip_gradients(trainables.params, self.recipe)
         trainables.optimizer.step()
+        if searched:
+            factor = step_search.rescale_step(trainables.params, before, grads, self._global_loss(terms['total']),
+                                              lambda: self._loss_after_step(step), self.recipe.step_search)
+            terms['step_factor'] = factor / o.num_gpus  # every process adds its share, as for the loss terms
         if trainables.allocator is not None:
             trainables.allocator.update_and_mask(self.G, step)
         self.tick.add_step(terms, nonfinite)
@@ -104,12 +114,22 @@ class TrainingStep:
 
     def _backward_loss(self, step: int, tick: Optional[TickStats]) -> dict:
         """Backward of this process's chunks of step `step`'s batch; returns the loss terms (global-batch means)."""
+        share, K = self.options.batch_gpu / self.options.batch_size, self.data.num_identities
+        terms: dict = {}
+        for identity, total, chunk_terms, per_sample in self._chunk_losses(step):
+            (total * (share * K)).backward()
+            for name, value in [('total', total)] + list(chunk_terms.items()):
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
+            if tick is not None:
+                tick.add_samples(identity, per_sample)
+        return terms
+
+    def _chunk_losses(self, step: int) -> Iterator[Tuple[np.ndarray, torch.Tensor, dict, torch.Tensor]]:
+        """(identities, loss, loss terms, per-sample loss) of each of this process's chunks of step `step`'s batch,
+        with the chunk's RNG seed: evaluating a step twice renders the same rays."""
         o, data = self.options, self.data
-        K = data.num_identities
         indices = torch.from_numpy(data.training_set.batch_indices(o.batch_size, step, self.random_seed))
         regularize = self.lazy_reg and step % o.density_reg_every == 0
-        share = o.batch_gpu / o.batch_size
-        terms: dict = {}
         for chunk in range(self.rank, o.batch_size // o.batch_gpu, o.num_gpus):
             idx = indices[chunk * o.batch_gpu:(chunk + 1) * o.batch_gpu]
             real_img = data.images[idx].to(self.device).to(torch.float32) / 127.5 - 1
@@ -118,11 +138,23 @@ class TrainingStep:
             if self.trainables.config is not None:
                 adapters.select(self.G, torch.from_numpy(identity))
             torch.manual_seed(chunk_seed(self.random_seed, step, chunk))
-            total, chunk_terms, per_sample = self.loss_fn(self.G, real_img, c, ws, self.neural_rendering_resolution,
-                                                          regularize=regularize, reg_gain=o.density_reg_every)
-            (total * (share * K)).backward()
-            for name, value in [('total', total)] + list(chunk_terms.items()):
-                terms[name] = terms.get(name, 0.0) + float(value.detach()) * share
-            if tick is not None:
-                tick.add_samples(identity, per_sample)
-        return terms
+            yield (identity, *self.loss_fn(self.G, real_img, c, ws, self.neural_rendering_resolution,
+                                           regularize=regularize, reg_gain=o.density_reg_every))
+
+    def _global_loss(self, process_total: float) -> float:
+        """The step's loss as its gradient sees it: this process's share of the terms, summed over processes,
+        times the number of identities."""
+        total = torch.tensor(process_total, dtype=torch.float64, device=self.device)
+        if self.options.num_gpus > 1:
+            torch.distributed.all_reduce(total)
+        return float(total) * self.data.num_identities
+
+    @torch.no_grad()
+    def _loss_after_step(self, step: int) -> float:
+        """Step `step`'s loss at the current parameters, on the same batch and noise (forward passes only)."""
+        share = self.options.batch_gpu / self.options.batch_size
+        total = sum(float(chunk_total) * share for _, chunk_total, _, _ in self._chunk_losses(step))
+        if self.trainables.allocator is not None:
+            total += float(adapters.orthogonal_regularization(self.G)) * self.trainables.config.orth_reg_weight / \
+                self.options.num_gpus
+        return self._global_loss(total)

@@ -1,0 +1,80 @@
+"""The step search: the parabola's minimum, the rescaled step on a quadratic loss, its recipe field, and a
+training run with it (the factor is recorded, and resume equals the uninterrupted run)."""
+import json
+
+import pytest
+import torch
+
+from training import recipe as recipes
+from training.step_search import quadratic_minimum, rescale_step
+
+SEARCH_RECIPE = recipes.Recipe('search', lr=0.02, betas=(0.9, 0.99), warmup=0.25, decay='cosine', final_lr=0.0,
+                               b_lr_ratio=4.0, ema_half_life=0.05, ema_rampup=0.5, step_search=2.0)
+
+
+@pytest.mark.parametrize('a, b, c', [(1.0, -2.0, 0.5), (0.3, 0.5, 2.0), (2.0, -0.1, 0.01)])
+def test_on_a_parabola_the_minimum_is_exact_or_clamped(a, b, c):
+    def loss(t):
+        return c + b * t + a * t * t
+    expected = min(max(-b / (2 * a), 0.0), 1.5)
+    assert quadratic_minimum(loss(0), b, loss(1), max_factor=1.5) == pytest.approx(expected)
+
+
+def test_without_curvature_it_goes_to_the_lower_end():
+    assert quadratic_minimum(1.0, -1.0, 0.0, max_factor=3.0) == 3.0    # linear and falling: as far as allowed
+    assert quadratic_minimum(1.0, -1.0, -0.5, max_factor=3.0) == 3.0   # concave and falling
+    assert quadratic_minimum(1.0, 1.0, 2.0, max_factor=3.0) == 0.0     # rising: no step
+    assert quadratic_minimum(1.0, 0.5, 1.2, max_factor=3.0) == 0.0     # concave, but uphill at the start
+
+
+def test_rescaled_adam_step_lands_on_the_lines_minimum_of_a_quadratic_loss():
+    torch.manual_seed(0)
+    M, y = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    optimizer = torch.optim.Adam([p], lr=0.3)
+
+    def loss():
+        return ((M @ p - y) ** 2).sum()
+    for _ in range(3):
+        optimizer.zero_grad()
+        start_loss = loss()
+        start_loss.backward()
+        before, grads = [p.detach().clone()], [p.grad.clone()]
+        optimizer.step()
+        step = p.detach() - before[0]
+        factor = rescale_step([p], before, grads, float(start_loss.detach()), lambda: float(loss()), max_factor=100.0)
+        assert torch.allclose(p.detach(), before[0] + factor * step)
+        with torch.no_grad():  # the loss's derivative along the step is zero where the parameters landed
+            assert float(2 * (M @ p - y) @ (M @ step)) == pytest.approx(0.0, abs=1e-9)
+        assert factor != pytest.approx(1.0)
+
+
+def test_the_recipe_field_is_checked_and_kept():
+    assert recipes.Recipe.from_dict(SEARCH_RECIPE.to_dict()) == SEARCH_RECIPE
+    base = dict(SEARCH_RECIPE.to_dict(), ema_half_life=None, ema_rampup=None, decay='constant')
+    with pytest.raises(ValueError, match='step_search scales the step.*needs optimizer=adam'):
+        recipes.Recipe.from_dict(dict(base, optimizer='schedulefree'))
+    for bad in (0.0, -1.0, float('inf'), '2'):
+        with pytest.raises(ValueError, match='step_search must be a number'):
+            recipes.Recipe.from_dict(dict(SEARCH_RECIPE.to_dict(), step_search=bad))
+    recorded = {k: v for k, v in SEARCH_RECIPE.to_dict().items() if k != 'step_search'}  # a state saved before it
+    assert recipes.Recipe.from_dict(recorded).step_search is None
+
+
+@pytest.fixture(scope='module')
+def search_run(train_tiny, tmp_path_factory):
+    run = tmp_path_factory.mktemp('search-run')
+    return run, train_tiny(run, SEARCH_RECIPE.to_dict())
+
+
+def test_a_run_records_the_factor_of_every_tick_within_its_bounds(search_run):
+    run, _ = search_run
+    factors = [json.loads(line).get('loss/step_factor') for line in open(run / 'stats.jsonl')]
+    factors = [f for f in factors if f is not None]
+    assert len(factors) == 4 and all(0 <= f <= 2.0 for f in factors)
+    assert len(set(factors)) > 1  # chosen per step, not a constant
+
+
+def test_resume_with_the_search_equals_the_uninterrupted_run(search_run, resume_halfway):
+    run, _ = search_run
+    resume_halfway(run, SEARCH_RECIPE.to_dict())
