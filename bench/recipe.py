@@ -13,7 +13,8 @@ Quality is the held-out MSE closed, 1 - mse / mse(base), in percent: 100 = the p
 Per recipe (mean, and the spread over identities and seeds as min-max):
   - images to reach My3DGen's best: the first tick at which the recipe is at least as good as the
     best tick of the `my3dgen` run on the same identity and seed; the speed-up is their ratio; and
-    the same in compute, forward/backward passes of a batch: steps plus the passes a recipe with
+    the same in compute, forward/backward passes of a batch: steps (two passes each for a recipe with a
+    step search, whose extra forward pass is counted as a whole one) plus the passes a recipe with
     init='gradient' spends on its first batch before training (`init_passes`);
   - best and final quality at the same compute (the same number of images);
   - the largest drop below the running best after the first 10% of training (points of MSE closed).
@@ -81,6 +82,11 @@ VARIANTS = {
     'adapter-riemannian': dict(riemannian_reg=0.01),          # Riemannian-preconditioned LoRA, PEFT's damping
     'adapter-riemannian-reg0.1': dict(riemannian_reg=0.1),
     'adapter-sf-fanin0.5': dict(SCHEDULE_FREE, a_fan_in_exponent=0.5),  # schedule-free with the fan-in rates
+    'adapter-search2': dict(step_search=2.0),                 # each step scaled by a quadratic line search, up to 2x
+    'adapter-search4': dict(step_search=4.0),
+    'adapter-search2-nowarmup': dict(step_search=2.0, warmup=0.0),   # the search in place of the warm-up
+    'adapter-search2-lr0.04': dict(step_search=2.0, lr=0.04),        # the search with twice the rate
+    'adapter-search2-constant': dict(step_search=2.0, warmup=0.0, decay='constant'),  # the search as the schedule
     'adapter-lr2x': None,                                      # twice the rate (filled in below)
     'my3dgen-cosine': None,                                    # the paper's optimizer with warm-up + cosine decay
 }
@@ -178,18 +184,24 @@ def init_passes(name: str) -> int:
     return recipe.init_passes if recipe.init == 'gradient' else 0
 
 
+def passes_per_step(name: str) -> int:
+    """Passes a recipe spends per step: 1, or 2 with a step search (its extra forward pass, without a backward
+    pass, counted as a whole pass: an upper bound on its cost)."""
+    return 1 if get_recipe(name.split('@')[0]).step_search is None else 2
+
+
 def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
     """Per recipe: speed-up to My3DGen's best, best/final quality, worst drop after 10%, with spreads.
 
     `totals` gives each name's run length in images (short runs are scored against the full My3DGen run).
     The speed-up is counted twice: in images seen, and in compute, i.e. forward/backward passes of a
-    `batch`-image batch (steps plus the recipe's init passes).
+    `batch`-image batch (steps times the recipe's passes per step, plus its init passes).
     """
     out = {}
     ref_passes = init_passes('my3dgen')
     for name in names:
         total = totals[name]
-        passes = init_passes(name)
+        passes, per_step = init_passes(name), passes_per_step(name)
         rows = []
         for key, (nimg, closed) in curves[name].items():
             ref_nimg, ref_closed = curves['my3dgen'][key]
@@ -202,9 +214,9 @@ def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
             rows.append(dict(identity=key, my3dgen_best=float(ref_best), my3dgen_best_at=int(ref_at),
                              reach_images=None if at is None else int(at),
                              speedup=None if at is None or at == 0 else float(ref_at / at),
-                             reach_passes=None if at is None else int(at // batch + passes),
-                             speedup_compute=(None if at is None or at // batch + passes == 0 else
-                                              float((ref_at // batch + ref_passes) / (at // batch + passes))),
+                             reach_passes=None if at is None else int(at // batch * per_step + passes),
+                             speedup_compute=(None if at is None or at == 0 else
+                                              float((ref_at // batch + ref_passes) / (at // batch * per_step + passes))),
                              best=float(closed.max()), final=float(closed[-1]),
                              worst_drop=float((running - closed)[late].max()) if late.any() else 0.0))
         speedups = [r['speedup'] for r in rows if r['speedup'] is not None]
@@ -223,7 +235,7 @@ def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
 def print_per_identity(summary: dict, names: list, totals: dict) -> None:
     """Per identity and run length: images and compute to reach My3DGen's best in its full run, best and final."""
     print('\n| recipe | images in the run | identity | My3DGen\'s best (at images) | images to reach it (speed-up) | '
-          'compute to reach it: steps + init passes (speed-up) | best | final |')
+          'compute to reach it: passes (speed-up) | best | final |')
     print('|---|---|---|---|---|---|---|---|')
     for name in names:
         if name == 'my3dgen':
@@ -333,7 +345,7 @@ def main() -> None:
     print(f'{len(curves["my3dgen"])} identity x seed runs per recipe, {total} images each, batch {args.batch}; '
           f'held-out MSE closed (%), mean [min, max]\n')
     print('| recipe | reaches My3DGen\'s best | images to get there: speed-up vs my3dgen | compute to get there '
-          '(steps + init passes): speed-up | best | final | worst drop after 10% (points) |')
+          '(passes): speed-up | best | final | worst drop after 10% (points) |')
     print('|---|---|---|---|---|---|---|')
     for name in names:
         s = summary[name]

@@ -57,6 +57,18 @@ def test_the_speed_up_is_counted_in_images_and_in_compute_with_the_init_passes()
     assert summary['my3dgen']['runs'][0]['speedup_compute'] == 1.0
 
 
+def test_a_step_search_counts_its_extra_forward_pass_as_a_whole_pass():
+    nimg = np.arange(0, 121, 8)
+    curves = {'my3dgen': {'a': (nimg, np.minimum(nimg, 96.0))},
+              'adapter-search2': {'a': (nimg, np.where(nimg >= 16, 97.0, 0.0))}}
+    summary = bench_recipe.summarize(curves, ['my3dgen', 'adapter-search2'],
+                                     {'my3dgen': 120, 'adapter-search2': 120}, batch=2)
+    run = summary['adapter-search2']['runs'][0]
+    assert bench_recipe.passes_per_step('adapter-search2') == 2 and bench_recipe.passes_per_step('adapter') == 1
+    assert (run['reach_images'], run['speedup']) == (16, 6.0)
+    assert (run['reach_passes'], run['speedup_compute']) == (16, 3.0)
+
+
 def test_every_variant_is_a_valid_recipe_that_differs_from_the_default():
     default = bench_recipe.get_recipe('adapter')
     for name in bench_recipe.VARIANTS:
