@@ -170,3 +170,25 @@ def test_two_processes_compute_the_gradients_of_one_with_two_identities(tmp_path
     for name in people.names:
         for tick_one, tick_two in zip(*stats):
             assert tick_two[f'identity/{name}/loss'] == pytest.approx(tick_one[f'identity/{name}/loss'], rel=1e-5)
+
+
+def test_two_processes_with_the_step_search_equal_one_process(identity, tmp_path, monkeypatch):
+    """The step search's factor comes from losses and a slope summed over processes: every process takes the
+    same step, the one a single process takes."""
+    runs = {}
+    for gpus in (1, 2):
+        captured = {}
+        monkeypatch.setattr(train, 'launch_training', lambda c, desc, outdir, dry_run: captured.update(c=c, desc=desc))
+        outdir = tmp_path / f'gpus{gpus}'
+        result = CliRunner().invoke(train.main, _args(identity, outdir, 0.004) + [f'--gpus={gpus}'],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        c = captured['c']
+        c.recipe = dict(c.recipe, name='my3dgen-search', step_search=2.0)
+        LAUNCH_TRAINING(c, captured['desc'], str(outdir), dry_run=False)
+        stats = [json.loads(line) for line in open(glob.glob(str(outdir / '*' / 'stats.jsonl'))[0])]
+        runs[gpus] = _adapter(outdir, '000000.004') + ([s['loss/step_factor'] for s in stats],)
+    (one, _, factors_one), (two, log, factors_two) = runs[1], runs[2]
+    _assert_close(two, one)
+    assert 'identical on all 2 processes' in log
+    assert factors_two == pytest.approx(factors_one, rel=1e-4) and any(f != pytest.approx(1.0) for f in factors_one)
