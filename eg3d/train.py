@@ -121,7 +121,8 @@ def print_options(c: TrainingOptions) -> None:
     optimizer = 'schedule-free Adam' if c.recipe.get('optimizer') == 'schedulefree' else 'Adam'
     print(f'Recipe:              {c.recipe["name"]} ({optimizer} lr {c.recipe["lr"]:g}, betas {c.recipe["betas"]}, '
           f'{c.recipe["decay"]} rate' + (f', EMA half-life {c.recipe["ema_half_life"]:g} of the run'
-                                          if c.recipe.get('ema_half_life') else '') + ')')
+                                          if c.recipe.get('ema_half_life') else '') +
+          (f', step search up to {c.recipe["step_search"]:g}x' if c.recipe.get('step_search') else '') + ')')
     print()
 
 
@@ -169,7 +170,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--tick',         help='Progress report interval in kimg (fractions allowed)', metavar='KIMG', type=POSITIVE, default=4, show_default=True)
 @click.option('--snap',         help='Snapshot interval in ticks', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default), adapter-sf (schedule-free Adam; LoRA only) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
+@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default), adapter-search (the default with a step search: one more forward pass per step), adapter-sf (schedule-free Adam; LoRA only) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
 @click.option('--glr',          help="Peak learning rate of Adam  [default: the recipe's]", metavar='FLOAT', type=POSITIVE)
 @click.option('--betas',        help="Adam betas  [default: the recipe's]", metavar='B1,B2', type=parse_floats)
 # Validation.

@@ -61,7 +61,7 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
     assert c.recipe == dict(name='my3dgen', lr=0.0025, betas=[0.0, 0.99], eps=1e-8, warmup=0.0, decay='constant',
                             final_lr=1.0, b_lr_ratio=1.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
                             init='random', init_passes=2, optimizer='adam',  # PEFT's random A, B = 0; passes unused
-                            a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None)
+                            a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None, step_search=None)
 
 
 def test_the_schedule_free_recipe_is_recorded_with_its_optimizer(identity, tmp_path, monkeypatch, capsys):
@@ -74,6 +74,17 @@ def test_the_schedule_free_recipe_is_recorded_with_its_optimizer(identity, tmp_p
     assert c.recipe['optimizer'] == 'schedulefree' and c.recipe['ema_half_life'] is None
     train.print_options(c)
     assert 'Recipe:              adapter-sf (schedule-free Adam lr 0.02' in capsys.readouterr().out
+
+
+def test_the_search_recipe_is_recorded_and_printed(identity, tmp_path, monkeypatch, capsys):
+    captured = {}
+    result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}', '--lora=1',
+                      '--recipe=adapter-search'] + TINY, monkeypatch, captured)
+    assert result.exit_code == 0, result.output
+    c = captured['c']
+    assert c.G_opt_kwargs['class_name'] == 'torch.optim.Adam' and c.recipe['step_search'] == 2.0
+    train.print_options(c)
+    assert 'cosine rate, EMA half-life 0.05 of the run, step search up to 2x)' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('flags, check', [

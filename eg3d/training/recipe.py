@@ -151,6 +151,10 @@ RECIPES = {
     'adapter-sf': Recipe('adapter-sf', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='constant', final_lr=1.0,
                          b_lr_ratio=4.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
                          optimizer='schedulefree'),
+    # The default with a step search (training/step_search.py): at FFHQ's layer widths faster at the start and
+    # better at the end than the default, for one more forward pass per step (docs/training.md).
+    'adapter-search': Recipe('adapter-search', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine', final_lr=0.0,
+                             b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5, step_search=2.0),
 }
 DEFAULT_RECIPE = 'adapter'
 

@@ -1,5 +1,6 @@
 """The step search: the parabola's minimum, the rescaled step on a quadratic loss, its recipe field, and a
 training run with it (the factor is recorded, and resume equals the uninterrupted run)."""
+import dataclasses
 import json
 
 import pytest
@@ -47,6 +48,12 @@ def test_rescaled_adam_step_lands_on_the_lines_minimum_of_a_quadratic_loss():
         with torch.no_grad():  # the loss's derivative along the step is zero where the parameters landed
             assert float(2 * (M @ p - y) @ (M @ step)) == pytest.approx(0.0, abs=1e-9)
         assert factor != pytest.approx(1.0)
+
+
+def test_the_named_search_recipe_is_the_default_with_the_search_and_nothing_else():
+    default = recipes.get_recipe(recipes.DEFAULT_RECIPE)
+    assert default.step_search is None
+    assert recipes.get_recipe('adapter-search') == dataclasses.replace(default, name='adapter-search', step_search=2.0)
 
 
 def test_the_recipe_field_is_checked_and_kept():
