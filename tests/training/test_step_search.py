@@ -85,3 +85,29 @@ def test_a_run_records_the_factor_of_every_tick_within_its_bounds(search_run):
 def test_resume_with_the_search_equals_the_uninterrupted_run(search_run, resume_halfway):
     run, _ = search_run
     resume_halfway(run, SEARCH_RECIPE.to_dict())
+
+
+ADALORA = dict(r=1, alpha=1.0, adalora=True, init_r=2, target_r=1, total_step=4, tinit=0, tfinal=0, delta_t=1)
+
+
+@pytest.mark.parametrize('adapter_config', [dict(r=1, alpha=1.0), ADALORA], ids=['lora', 'adalora'])
+def test_the_second_forward_pass_reproduces_the_steps_loss_at_the_start(train_tiny, tmp_path, monkeypatch,
+                                                                        adapter_config):
+    """Evaluated at the parameters the step started from, the search's loss is the step's own loss: the same
+    images, rays and noise, and (AdaLoRA) the orthogonality term."""
+    checked = []
+
+    def checking(params, before, grads, loss_at_start, loss_after, max_factor):
+        with torch.no_grad():
+            stepped = [p.detach().clone() for p in params]
+            for p, b in zip(params, before):
+                p.copy_(b)
+            checked.append((loss_after(), loss_at_start))
+            for p, s in zip(params, stepped):
+                p.copy_(s)
+        return rescale_step(params, before, grads, loss_at_start, loss_after, max_factor)
+    monkeypatch.setattr('training.step_search.rescale_step', checking)
+    train_tiny(tmp_path, SEARCH_RECIPE.to_dict(), adapter_config=adapter_config)
+    assert len(checked) == 4
+    for again, start in checked:
+        assert again == pytest.approx(start, rel=1e-5)
