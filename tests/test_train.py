@@ -64,27 +64,23 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
                             a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None, step_search=None)
 
 
-def test_the_schedule_free_recipe_is_recorded_with_its_optimizer(identity, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('name, optimizer_class, check, printed', [
+    ('adapter-sf', 'training.schedule_free.ScheduleFreeAdam',
+     lambda r: r['optimizer'] == 'schedulefree' and r['ema_half_life'] is None,
+     'Recipe:              adapter-sf (schedule-free Adam lr 0.02'),
+    ('adapter-search', 'torch.optim.Adam', lambda r: r['step_search'] == 2.0,
+     'cosine rate, EMA half-life 0.05 of the run, step search up to 2x)'),
+])
+def test_named_recipes_are_recorded_with_their_optimizer_and_printed(identity, tmp_path, monkeypatch, capsys, name,
+                                                                    optimizer_class, check, printed):
     captured = {}
     result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}', '--lora=1',
-                      '--recipe=adapter-sf'] + TINY, monkeypatch, captured)
+                      f'--recipe={name}'] + TINY, monkeypatch, captured)
     assert result.exit_code == 0, result.output
     c = captured['c']
-    assert c.G_opt_kwargs['class_name'] == 'training.schedule_free.ScheduleFreeAdam'
-    assert c.recipe['optimizer'] == 'schedulefree' and c.recipe['ema_half_life'] is None
+    assert c.G_opt_kwargs['class_name'] == optimizer_class and c.recipe['name'] == name and check(c.recipe)
     train.print_options(c)
-    assert 'Recipe:              adapter-sf (schedule-free Adam lr 0.02' in capsys.readouterr().out
-
-
-def test_the_search_recipe_is_recorded_and_printed(identity, tmp_path, monkeypatch, capsys):
-    captured = {}
-    result = _invoke([f'--outdir={tmp_path}', f'--data={identity.train}', f'--resume={identity.base_pkl}', '--lora=1',
-                      '--recipe=adapter-search'] + TINY, monkeypatch, captured)
-    assert result.exit_code == 0, result.output
-    c = captured['c']
-    assert c.G_opt_kwargs['class_name'] == 'torch.optim.Adam' and c.recipe['step_search'] == 2.0
-    train.print_options(c)
-    assert 'cosine rate, EMA half-life 0.05 of the run, step search up to 2x)' in capsys.readouterr().out
+    assert printed in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('flags, check', [
