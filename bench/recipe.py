@@ -215,8 +215,9 @@ def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
                              reach_images=None if at is None else int(at),
                              speedup=None if at is None or at == 0 else float(ref_at / at),
                              reach_passes=None if at is None else int(at // batch * per_step + passes),
-                             speedup_compute=(None if at is None or at == 0 else
-                                              float((ref_at // batch + ref_passes) / (at // batch * per_step + passes))),
+                             speedup_compute=(None if at is None or at // batch * per_step + passes == 0 else
+                                              float((ref_at // batch + ref_passes) /
+                                                    (at // batch * per_step + passes))),
                              best=float(closed.max()), final=float(closed[-1]),
                              worst_drop=float((running - closed)[late].max()) if late.any() else 0.0))
         speedups = [r['speedup'] for r in rows if r['speedup'] is not None]
