@@ -25,6 +25,10 @@ already finished there are reused. Variants for ablations are named `adapter-<ch
 against 8-1152 on the tiny base) at 128 px, rendered and trained at 64 px: a check that a recipe tuned on the
 tiny base transfers to the official layer shapes (seconds per step instead of a fraction of one).
 
+`--reference-batch` trains `my3dgen` at another batch than the other recipes (the paper's is 4): every
+recipe is then scored against My3DGen's best at that batch, and the compute ratio weighs each pass by its
+images (a pass of one image costs a quarter of a pass of four, as it does in FLOPs).
+
 `--budgets` adds shorter runs of the other recipes, named `<recipe>@<fraction>`: the same recipe trained
 with `--kimg` times the fraction, each with its own full schedule and EMA (they are fractions of the run),
 validated as often per run (the tick scales too, at least one step). They are scored against My3DGen's best
@@ -127,7 +131,8 @@ def budget_run(kimg: float, tick: float, batch: int, budget: float) -> tuple:
     return round(kimg * budget, 6), round(short_tick, 6)
 
 
-def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick: float = None) -> str:
+def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick: float = None,
+                  batch: int = None) -> str:
     """Short hash of what a run depends on, so that finished runs are reused only when nothing changed.
 
     Recipe fields at their defaults are left out, so a field added later (off by default) keeps the
@@ -139,7 +144,7 @@ def settings_hash(name: str, args: argparse.Namespace, kimg: float = None, tick:
                if f.default is dataclasses.MISSING or getattr(recipe, f.name) != f.default}
     config = [] if args.config == 'tiny' else [args.config]  # keeps the tiny runs' hashes of earlier rounds
     length = [args.kimg if kimg is None else kimg, args.tick if tick is None else tick]
-    key = json.dumps(config + [changed, args.batch] + length, sort_keys=True)
+    key = json.dumps(config + [changed, args.batch if batch is None else batch] + length, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
@@ -195,7 +200,8 @@ def summarize(curves: dict, names: list, totals: dict, batch: int = 2) -> dict:
 
     `totals` gives each name's run length in images (short runs are scored against the full My3DGen run).
     The speed-up is counted twice: in images seen, and in compute, i.e. forward/backward passes of a
-    `batch`-image batch (steps times the recipe's passes per step, plus its init passes).
+    `batch`-image batch (steps times the recipe's passes per step, plus its init passes); My3DGen's images
+    are counted in the same passes, also when it trained at another batch (--reference-batch).
     """
     out = {}
     ref_passes = init_passes('my3dgen')
@@ -292,6 +298,8 @@ def main() -> None:
     parser.add_argument('--views', type=int, default=16, help='training selfies per identity')
     parser.add_argument('--strength', type=float, default=0.5, help='size of the rank-1 personal change')
     parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--reference-batch', dest='reference_batch', type=int, default=None,
+                        help="My3DGen's batch, the reference (default: --batch; the paper's is 4)")
     parser.add_argument('--heldout-views', dest='heldout', type=int, default=2, help='held-out poses per identity (the validation views)')
     parser.add_argument('--kimg', type=float, default=0.12, help='run length (every recipe gets the same)')
     parser.add_argument('--tick', type=float, default=0.008, help='validation interval in kimg')
@@ -311,6 +319,7 @@ def main() -> None:
     runs += [(f'{name}@{budget:g}', name, budget) for budget in budgets[1:] for name in recipe_names if name != 'my3dgen']
     names = [label for label, _, _ in runs]
     seeds = [int(s) for s in args.seeds.split(',')]
+    reference_batch = args.batch if args.reference_batch is None else args.reference_batch
     jobs = []
     overrides, nrr = CONFIGS[args.config]
     for k in range(args.identities):
@@ -319,12 +328,13 @@ def main() -> None:
                                     heldout=args.heldout, strength=args.strength, **extra)
         for seed in seeds:
             for label, name, budget in runs:
-                kimg, tick = budget_run(args.kimg, args.tick, args.batch, budget)
+                batch = reference_batch if name == 'my3dgen' else args.batch
+                kimg, tick = budget_run(args.kimg, args.tick, batch, budget)
                 jobs.append(dict(train=person.train, heldout=person.heldout, base_pkl=person.base_pkl, recipe=name,
-                                 label=label, seed=seed, batch=args.batch, nrr=nrr, kimg=kimg, tick=tick,
+                                 label=label, seed=seed, batch=batch, nrr=nrr, kimg=kimg, tick=tick,
                                  key=f'identity-{k}/seed-{seed}',
                                  run_dir=os.path.join(args.outdir, 'runs', f'identity-{k}', f'seed-{seed}',
-                                                      f'{name}-{settings_hash(name, args, kimg, tick)}')))
+                                                      f'{name}-{settings_hash(name, args, kimg, tick, batch)}')))
     start = time.time()
     with multiprocessing.get_context('spawn').Pool(args.jobs) as pool:
         paths = pool.map(train_one, jobs, chunksize=1)
@@ -343,7 +353,9 @@ def main() -> None:
         json.dump(results, f, indent=1)
     plot(curves, names, os.path.join(args.outdir, 'curves.png'))
 
-    print(f'{len(curves["my3dgen"])} identity x seed runs per recipe, {total} images each, batch {args.batch}; '
+    reference = '' if reference_batch == args.batch else f' (my3dgen at batch {reference_batch})'
+    print(f'{len(curves["my3dgen"])} identity x seed runs per recipe, {total} images each, '
+          f'batch {args.batch}{reference}; '
           f'held-out MSE closed (%), mean [min, max]\n')
     print('| recipe | reaches My3DGen\'s best | images to get there: speed-up vs my3dgen | compute to get there '
           '(passes): speed-up | best | final | worst drop after 10% (points) |')

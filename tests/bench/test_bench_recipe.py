@@ -85,3 +85,23 @@ def test_the_reduced_config_has_ffhqs_layer_widths_and_its_own_cache_key():
     tiny = argparse.Namespace(batch=4, kimg=0.4, tick=0.05, config='tiny')
     reduced = argparse.Namespace(batch=4, kimg=0.4, tick=0.05, config='reduced')
     assert bench_recipe.settings_hash('adapter', tiny) != bench_recipe.settings_hash('adapter', reduced)
+
+
+def test_my3dgen_at_another_batch_is_the_reference_and_compute_weighs_passes_by_their_images():
+    nimg4, nimg1 = np.arange(0, 121, 8), np.arange(0, 121, 8)
+    curves = {'my3dgen': {'a': (nimg4, np.minimum(nimg4, 96.0))},  # trained at batch 4: best 96 at image 96
+              'adapter': {'a': (nimg1, np.where(nimg1 >= 16, 97.0, 0.0))},  # trained at batch 1
+              'adapter-search2': {'a': (nimg1, np.where(nimg1 >= 24, 97.0, 0.0))}}
+    names = ['my3dgen', 'adapter', 'adapter-search2']
+    summary = bench_recipe.summarize(curves, names, dict.fromkeys(names, 120), batch=1)
+    plain, searched = summary['adapter']['runs'][0], summary['adapter-search2']['runs'][0]
+    assert (plain['reach_images'], plain['speedup'], plain['reach_passes']) == (16, 6.0, 16)
+    assert plain['speedup_compute'] == 6.0  # 24 passes of 4 images against 16 passes of 1
+    assert (searched['reach_images'], searched['reach_passes'], searched['speedup_compute']) == (24, 48, 2.0)
+
+
+def test_the_reference_runs_keep_the_cache_key_of_a_run_at_their_batch():
+    at4 = argparse.Namespace(batch=4, kimg=0.12, tick=0.008, config='tiny')
+    at1 = argparse.Namespace(batch=1, kimg=0.12, tick=0.008, config='tiny')
+    assert bench_recipe.settings_hash('my3dgen', at1, batch=4) == bench_recipe.settings_hash('my3dgen', at4)
+    assert bench_recipe.settings_hash('my3dgen', at1) != bench_recipe.settings_hash('my3dgen', at4)
