@@ -1,6 +1,6 @@
 """Training recipes compared on synthetic identities: held-out quality against images seen.
 
-    OMP_NUM_THREADS=1 python bench/recipe.py                         # default recipe vs my3dgen, 4 identities
+    OMP_NUM_THREADS=1 python bench/recipe.py                         # default recipe vs my3dgen, 4 identities, batch 4
     OMP_NUM_THREADS=1 python bench/recipe.py --recipes=my3dgen,adapter,adapter-b1 --identities=1
     OMP_NUM_THREADS=1 python bench/recipe.py --budgets=1,0.2,0.1     # also the default in 20% and 10% of the images
 
@@ -292,12 +292,14 @@ def plot(curves: dict, names: list, path: str, width: int = 900, height: int = 5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--recipes', default='my3dgen,adapter', help='comma-separated; my3dgen is always included')
+    parser.add_argument('--recipes', default=f'my3dgen,{recipes.DEFAULT_RECIPE}',
+                        help='comma-separated; my3dgen is always included')
     parser.add_argument('--identities', type=int, default=4, help='synthetic identities (seeds 0, 10, 20, ...)')
     parser.add_argument('--seeds', default='0', help='training seeds, comma-separated')
     parser.add_argument('--views', type=int, default=16, help='training selfies per identity')
     parser.add_argument('--strength', type=float, default=0.5, help='size of the rank-1 personal change')
-    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--batch', type=int, default=4, help="images per step as EG3D counts them (--batch; the "
+                        "paper's 4); a recipe with images_per_step takes it in several steps")
     parser.add_argument('--reference-batch', dest='reference_batch', type=int, default=None,
                         help="My3DGen's batch, the reference (default: --batch; the paper's is 4)")
     parser.add_argument('--heldout-views', dest='heldout', type=int, default=2, help='held-out poses per identity (the validation views)')

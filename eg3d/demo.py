@@ -47,6 +47,7 @@ from training import loss as loss_module
 from training import procedural_heads as ph
 from training import synthetic_identity as si
 from training.adapters.inject import adapter_layers, base_name
+from training.recipe import DEFAULT_RECIPE, RECIPES, step_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = 'manifest.json'
@@ -577,8 +578,10 @@ def main(outdir, base_pkl, data, seed, views, heldout, kimg, batch, lr, frames, 
     prepare_identity(paths, recipe, G_base)
     timings['data'] = time.time() - t0
 
-    steps = math.ceil(kimg * 1000 / batch)
-    say(f'==> [3/4] Training rank-1 LoRA adapters on CPU: {steps} steps of {batch} images ({kimg:g} kimg)')
+    step_images = step_batch(RECIPES[DEFAULT_RECIPE], batch, batch, 1, 1)[0]  # train.py's recipe takes it so
+    steps = math.ceil(kimg * 1000 / step_images)
+    say(f'==> [3/4] Training rank-1 LoRA adapters on CPU: {steps} steps of {step_images} image(s) ({kimg:g} kimg, '
+        f'recipe {DEFAULT_RECIPE})')
     t0 = time.time()
     run_dir = train(paths, kimg, batch, lr, seed)
     adapter_path = latest_adapter(run_dir)

@@ -19,9 +19,9 @@ import dnnlib
 import legacy
 from training import training_loop
 from training import validation
-from training.dataset import DatasetError, IdentitySet
+from training.dataset import DatasetError, IdentitySet, identity_folders
 from training.options import TrainingOptions
-from training.recipe import DEFAULT_RECIPE, RECIPES
+from training.recipe import DEFAULT_RECIPE, RECIPES, step_batch
 
 #----------------------------------------------------------------------------
 
@@ -112,6 +112,12 @@ def print_options(c: TrainingOptions) -> None:
     print()
     print(f'Processes:           {c.num_gpus} ({c.device})')
     print(f'Batch size:          {c.batch_size} images ({c.batch_gpu} per pass)')
+    recipe = c.make_recipe()
+    if recipe.images_per_step is not None:
+        step, per_pass = step_batch(recipe, c.batch_size, c.batch_gpu, len(c.training_set_kwargs.identities),
+                                    c.num_gpus)
+        print(f'Optimizer step:      {step} images ({per_pass} per pass): recipe {recipe.name} takes '
+              f'{recipe.images_per_step} image(s) of each identity per step')
     print(f'Training duration:   {c.total_kimg:g} kimg')
     print(f'Dataset:             {c.training_set_kwargs.path} ({c.training_set_kwargs.max_size} images, '
           f'{c.training_set_kwargs.resolution}px, x-flips {c.training_set_kwargs.xflip})')
@@ -164,13 +170,13 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 @click.option('--cfg',          help="Rendering options: official ffhq/afhq/shapenet, or 'resume' to keep the pickle's", type=click.Choice(['ffhq', 'afhq', 'shapenet', 'resume']), required=True)
 # Scale and schedule.
 @click.option('--gpus',         help='Number of processes (GPUs, or CPU processes with --device=cpu)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--batch',        help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--batch',        help="Total batch size (a recipe with images per step, the default's, takes it in steps of one image of each identity)", metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--batch-gpu',    help='Samples per forward pass per process  [default: batch/gpus]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--kimg',         help='Training length in thousands of images (fractions allowed)', metavar='KIMG', type=POSITIVE, default=500, show_default=True)
 @click.option('--tick',         help='Progress report interval in kimg (fractions allowed)', metavar='KIMG', type=POSITIVE, default=4, show_default=True)
 @click.option('--snap',         help='Snapshot interval in ticks', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--recipe',       help='Optimizer, schedule and clipping: adapter (measured default), adapter-search (the default with a step search: one more forward pass per step), adapter-sf (schedule-free Adam; LoRA only) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
+@click.option('--recipe',       help='Optimizer, schedule and step: adapter-per-image (measured default: adapter-search on one image of each identity per step), adapter (Adam with LoRA+, warm-up, cosine and EMA, a step per batch), adapter-search (adapter with a step search: one more forward pass per step), adapter-sf (schedule-free Adam; LoRA only) or my3dgen (the paper\'s)', type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True)
 @click.option('--glr',          help="Peak learning rate of Adam  [default: the recipe's]", metavar='FLOAT', type=POSITIVE)
 @click.option('--betas',        help="Adam betas  [default: the recipe's]", metavar='B1,B2', type=parse_floats)
 # Validation.
@@ -296,7 +302,11 @@ def main(**kwargs):
     if opts.adalora and recipe.optimizer == 'schedulefree':
         fail(f'--recipe={opts.recipe} (schedule-free Adam) cannot train AdaLoRA: its rank masks would change the '
              'point the gradients are taken at, not the average it keeps; use --recipe=adapter')
-    total_steps = math.ceil(opts.kimg * 1000 / opts.batch)
+    try:  # AdaLoRA's schedule counts optimizer steps, and a recipe may take the batch in several
+        num_identities = len(identity_folders(opts.data) or [None])
+    except DatasetError as err:
+        fail(str(err))
+    total_steps = math.ceil(opts.kimg * 1000 / step_batch(recipe, opts.batch, batch_gpu, num_identities, num_gpus)[0])
     adapter_config = None
     if opts.lora > 0:
         target_r = opts.adalora_target_rank if opts.adalora_target_rank is not None else opts.lora

@@ -61,7 +61,8 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
     assert c.recipe == dict(name='my3dgen', lr=0.0025, betas=[0.0, 0.99], eps=1e-8, warmup=0.0, decay='constant',
                             final_lr=1.0, b_lr_ratio=1.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
                             init='random', init_passes=2, optimizer='adam',  # PEFT's random A, B = 0; passes unused
-                            a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None, step_search=None)
+                            a_fan_in_exponent=0.0, b_fan_in_exponent=0.0, riemannian_reg=None, step_search=None,
+                            images_per_step=None)  # a step per batch, as in EG3D
 
 
 @pytest.mark.parametrize('name, optimizer_class, check, printed', [
@@ -70,6 +71,8 @@ def test_my3dgen_recipe_reproduces_the_papers_optimizer_settings(identity, tmp_p
      'Recipe:              adapter-sf (schedule-free Adam lr 0.02'),
     ('adapter-search', 'torch.optim.Adam', lambda r: r['step_search'] == 2.0,
      'cosine rate, EMA half-life 0.05 of the run, step search up to 2x)'),
+    ('adapter-per-image', 'torch.optim.Adam', lambda r: r['step_search'] == 2.0 and r['images_per_step'] == 1,
+     'Optimizer step:      1 images (1 per pass): recipe adapter-per-image takes 1 image(s) of each identity'),
 ])
 def test_named_recipes_are_recorded_with_their_optimizer_and_printed(identity, tmp_path, monkeypatch, capsys, name,
                                                                     optimizer_class, check, printed):
@@ -87,7 +90,7 @@ def test_named_recipes_are_recorded_with_their_optimizer_and_printed(identity, t
     ([], lambda c: c.adapter_config is None and c.mode == 'full'),
     (['--lora=2', '--adalora=True', '--kimg=0.2'],
      lambda c: c.adapter_config['adalora'] and c.adapter_config['target_r'] == 2 and c.adapter_config['init_r'] == 4
-     and c.adapter_config['total_step'] == 50),
+     and c.adapter_config['total_step'] == 200),  # 200 images in the default recipe's steps of one image
     (['--lora=1', '--lora_targets=synthesis,decoder', '--lora_extras=my3dgen', '--conv_factorization=standard',
       '--lora_dropout=0.1'],
      lambda c: c.adapter_config['targets'] == ['synthesis', 'decoder'] and c.adapter_config['extras'] == 'my3dgen'

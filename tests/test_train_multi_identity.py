@@ -15,8 +15,10 @@ from training import synthetic_identity as si
 from training.dataset import read_identity
 
 VIEWS, HELDOUT, STEPS, PER_IDENTITY_BATCH = 4, 2, 8, 4
+# `adapter`, a step per batch: the comparison is of the multi-identity arithmetic, the default's one image per step
+# and per-identity step search are tested in tests/training (test_images_per_step.py, test_step_search.py).
 TINY = ['--cfg=resume', '--device=cpu', '--lpips=none', '--neural_rendering_resolution_initial=32', '--progress=False',
-        '--lora=1', '--glr=0.005', '--betas=0.9,0.99', '--density_reg=0', '--grid=0', '--seed=5']
+        '--lora=1', '--recipe=adapter', '--glr=0.005', '--betas=0.9,0.99', '--density_reg=0', '--grid=0', '--seed=5']
 
 
 @pytest.fixture(scope='module')

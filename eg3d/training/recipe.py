@@ -62,6 +62,8 @@ class Recipe:
     step_search: Optional[float] = None  # after each step, a quadratic fit of the batch loss along it (one more
                                          # forward pass, training/step_search.py) scales it by a factor in
                                          # [0, step_search]; None = the optimizer's step as it is
+    images_per_step: Optional[int] = None  # images of each identity per optimizer step: the batch is taken in
+                                           # several steps (step_batch); None = the whole batch in one step, EG3D's
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +106,10 @@ class Recipe:
         if self.step_search is not None and self.optimizer != 'adam':
             problems.append(f'step_search scales the step the parameters take, but optimizer={self.optimizer!r} '
                             f'keeps its own iterates: it needs optimizer=adam')
+        if self.images_per_step is not None and not (isinstance(self.images_per_step, int) and
+                                                     not isinstance(self.images_per_step, bool) and
+                                                     self.images_per_step >= 1):
+            problems.append(f'images_per_step must be an integer >= 1 or None, got {self.images_per_step!r}')
         for field in ('a_fan_in_exponent', 'b_fan_in_exponent'):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= 2):
@@ -151,18 +157,40 @@ RECIPES = {
     'adapter-sf': Recipe('adapter-sf', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='constant', final_lr=1.0,
                          b_lr_ratio=4.0, grad_clip=None, ema_half_life=None, ema_rampup=None,
                          optimizer='schedulefree'),
-    # The default with a step search (training/step_search.py): at FFHQ's layer widths faster at the start and
-    # better at the end than the default, for one more forward pass per step (docs/training.md).
+    # `adapter` with a step search (training/step_search.py): at FFHQ's layer widths faster at the start and
+    # better at the end, for one more forward pass per step (docs/training.md).
     'adapter-search': Recipe('adapter-search', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine', final_lr=0.0,
                              b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5, step_search=2.0),
+    # `adapter-search` taking one image of each identity per step: the same images and compute buy four times the
+    # steps of a batch of 4, and reach My3DGen's best in 5.4x fewer images (docs/training.md, "Recipes").
+    'adapter-per-image': Recipe('adapter-per-image', lr=0.02, betas=(0.9, 0.99), warmup=0.1, decay='cosine',
+                                final_lr=0.0, b_lr_ratio=4.0, grad_clip=None, ema_half_life=0.05, ema_rampup=0.5,
+                                step_search=2.0, images_per_step=1),
 }
-DEFAULT_RECIPE = 'adapter'
+DEFAULT_RECIPE = 'adapter-per-image'
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f'unknown recipe {name!r}; choose one of {", ".join(RECIPES)}')
     return RECIPES[name]
+
+def step_batch(recipe: Recipe, batch_size: int, batch_gpu: int, num_identities: int, num_gpus: int) -> Tuple[int, int]:
+    """(images per optimizer step over all processes, images per forward pass per process) of a run with
+    `batch_size` images per step as EG3D counts them (--batch) and `batch_gpu` per pass (--batch-gpu).
+
+    A recipe with images_per_step takes the batch in steps of that many images of each identity: the
+    smallest such step that every process gets an equal share of (so one person on 4 GPUs takes steps of
+    4 images, and 16 people on 4 GPUs steps of 16), never more than the batch; a pass is then the largest
+    divisor of a process's share that is at most batch_gpu. The image stream is the same either way: step
+    s of n images takes images s * n ... (s + 1) * n - 1 of it, so such a run equals a run at --batch n.
+    """
+    if recipe.images_per_step is None:
+        return batch_size, batch_gpu
+    step = min(batch_size, math.lcm(recipe.images_per_step * num_identities, num_gpus))
+    per_process = step // num_gpus
+    per_pass = max(d for d in range(1, min(batch_gpu, per_process) + 1) if per_process % d == 0)
+    return step, per_pass
 
 #----------------------------------------------------------------------------
 

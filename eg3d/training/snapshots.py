@@ -108,8 +108,10 @@ class Snapshots:
 
     def __init__(self, G: torch.nn.Module, start: StartingPoint, data: RunData, trainables: Trainables,
                  loss_fn: PersonalizationLoss, recipe: recipes.Recipe, options: TrainingOptions,
-                 neural_rendering_resolution: int, rank: int, device: torch.device, log: RunLog):
+                 neural_rendering_resolution: int, rank: int, device: torch.device, log: RunLog,
+                 step_batch: int):
         self.G, self.start, self.data, self.trainables, self.loss_fn = G, start, data, trainables, loss_fn
+        self.step_batch = step_batch  # images per optimizer step (recipe.step_batch)
         self.recipe, self.options, self.rank, self.device, self.log = recipe, options, rank, device, log
         self.neural_rendering_resolution = neural_rendering_resolution
         self.run_dir = options.run_dir
@@ -207,7 +209,7 @@ class Snapshots:
         snapshot = dict(G=snapshot_G, G_ema=snapshot_G, D=self.start.D, training_set_kwargs=dict(self.data.record),
                         adapter_config=config.to_dict() if config is not None else None,
                         personalization=dict(cur_nimg=cur_nimg, step=step, random_seed=self.start.random_seed,
-                                             batch_size=self.options.batch_size,
+                                             batch_size=self.options.batch_size, step_batch=self.step_batch,
                                              freeze_render=self.start.freeze_render,
                                              identities=list(self.data.identity_names)))
         legacy.save_network_pkl(snapshot, os.path.join(self.run_dir, f'network-snapshot-{tag}.pkl'))

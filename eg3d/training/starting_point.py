@@ -88,9 +88,6 @@ def load_starting_point(options: TrainingOptions, log: RunLog) -> StartingPoint:
     if progress.get('random_seed', random_seed) != random_seed:
         log(f'Using the run\'s seed {progress["random_seed"]} (not --seed={random_seed}) to continue its batches.')
         random_seed = int(progress['random_seed'])
-    if progress.get('batch_size', options.batch_size) != options.batch_size:
-        log(f'Warning: the run used batch {progress["batch_size"]}, this one {options.batch_size}: the batches will '
-            f'differ from the uninterrupted run.')
     log(f'Continuing a personalization run at {progress["cur_nimg"] / 1000:g} kimg; the snapshot\'s '
         f'generator and adapter settings are kept.')
     return StartingPoint(G=resume_data['G'], D=resume_data.get('D'), progress=progress,

@@ -10,7 +10,8 @@ fitted by a parabola through three facts already at hand or cheap:
     L(p + d)        one forward pass on the same batch, with the same noise
 
 and the parameters move to p + t d, t at the parabola's minimum, within [0, max_factor]. The cost is one
-forward pass per step, without a backward pass.
+forward pass per step, without a backward pass. With K identities in one run each adapter's step gets its
+own parabola from its own samples' losses (rescale_step_per_slot), as in its single-identity run.
 """
 
 from typing import Callable, List
@@ -39,3 +40,21 @@ def rescale_step(params: List[torch.nn.Parameter], before: List[torch.Tensor], g
     for p, b, d in zip(params, before, steps):
         p.copy_(b + factor * d)
     return factor
+
+
+@torch.no_grad()
+def rescale_step_per_slot(params: List[torch.nn.Parameter], before: List[torch.Tensor], grads: List[torch.Tensor],
+                          losses_at_start: torch.Tensor, losses_after: Callable[[], torch.Tensor],
+                          max_factor: float) -> torch.Tensor:
+    """`rescale_step` for K independent adapters in one run: every tensor has K slots along its first dimension,
+    and slot k's loss depends on slot k only, so each slot's step gets its own parabola (losses_at_start and
+    losses_after(): [K], the loss of each slot's samples); returns the K factors."""
+    steps = [p - b for p, b in zip(params, before)]
+    slopes = sum((g.to(torch.float64) * d).flatten(1).sum(1) for g, d in zip(grads, steps))
+    after = losses_after()
+    factors = torch.tensor([quadratic_minimum(float(l0), float(s), float(l1), max_factor)
+                            for l0, s, l1 in zip(losses_at_start, slopes, after)], dtype=torch.float64)
+    for p, b, d in zip(params, before, steps):
+        shape = [-1] + [1] * (p.ndim - 1)
+        p.copy_(b + factors.to(device=p.device, dtype=p.dtype).reshape(shape) * d)
+    return factors

@@ -2,7 +2,7 @@
 
     load or resume (starting_point) -> data (run_data) -> trainables: adapters, optimizer, allocator
     -> (a fresh run of a recipe with init='gradient': align the adapters with the first batch, gradient_init)
-    -> per step (train_step): batch -> G.synthesis -> loss -> adapter gradients -> all-reduce -> Adam
+    -> per step (train_step): batch (or a recipe's images per step) -> G.synthesis -> loss -> adapter gradients -> all-reduce -> Adam
     -> every tick (tick_stats): report; score the held-out views and keep the best files (snapshots,
        validation) -> early stop / snapshot
 
@@ -97,7 +97,7 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     if recipe.init == 'gradient' and not start.continuing:  # a continued run has its adapters from the snapshot
         _align_adapters(G, train_step, trainables, recipe, start.random_seed, device, log)
     snapshots = Snapshots(G, start, data, trainables, loss_fn, recipe, o, neural_rendering_resolution, rank, device,
-                          log)
+                          log, step_batch=train_step.batch_size)
     cur_nimg, step = snapshots.restore_training_state(state) if start.continuing else (0, 0)
 
     snapshots.save_start_grid(cur_nimg)
@@ -111,9 +111,16 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
     # Main loop.
     total_nimg = int(round(o.total_kimg * 1000))
     tick_nimg = max(int(round(o.kimg_per_tick * 1000)), 1)
-    log(f'Training for {o.total_kimg:g} kimg ({math.ceil(max(total_nimg - cur_nimg, 0) / o.batch_size)} steps of '
-        f'{o.batch_size} images on {o.num_gpus} process(es), {o.batch_gpu} per pass); neural rendering at '
-        f'{neural_rendering_resolution}px.')
+    step_nimg = train_step.batch_size
+    per_image = (f' (recipe {recipe.name}: {recipe.images_per_step} image(s) of each identity per step, '
+                 f'not the batch of {o.batch_size})' if step_nimg != o.batch_size else '')
+    log(f'Training for {o.total_kimg:g} kimg ({math.ceil(max(total_nimg - cur_nimg, 0) / step_nimg)} steps of '
+        f'{step_nimg} images{per_image} on {o.num_gpus} process(es), {train_step.batch_gpu} per pass); neural '
+        f'rendering at {neural_rendering_resolution}px.')
+    recorded_step = start.progress.get('step_batch', start.progress.get('batch_size')) if start.continuing else None
+    if recorded_step not in (None, step_nimg):  # the image stream is cut into steps of this many images
+        log(f'Warning: the run took steps of {recorded_step} images, this one {step_nimg}: the batches will differ '
+            f'from the uninterrupted run.')
     bar = tqdm.tqdm(total=total_nimg, initial=min(cur_nimg, total_nimg), unit='img', dynamic_ncols=True,
                     disable=(rank != 0 or not o.progress_bar), desc='train')
     tick_start_time, tick_start_nimg, tick_start_step = time.time(), cur_nimg, step
@@ -124,14 +131,14 @@ def run(options: TrainingOptions, rank: int = 0, local_rank: int = 0) -> dict:
         lr = train_step(step, cur_nimg)
         log.op_fallbacks()
         step += 1
-        cur_nimg += o.batch_size
+        cur_nimg += step_nimg
         if trainables.ema is not None:
-            trainables.ema.update(cur_nimg, o.batch_size, total_nimg)
+            trainables.ema.update(cur_nimg, step_nimg, total_nimg)
         bar.update(min(cur_nimg, total_nimg) - bar.n)
 
         # Tick: report, and every `network_snapshot_ticks` ticks a snapshot.
         done = cur_nimg >= total_nimg
-        crossed = cur_nimg // tick_nimg > (cur_nimg - o.batch_size) // tick_nimg
+        crossed = cur_nimg // tick_nimg > (cur_nimg - step_nimg) // tick_nimg
         if not (done or crossed):
             continue
         means, per_identity, (nonfinite_entries, nonfinite_steps) = tick.reduce(o.num_gpus)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import train
 from training import synthetic_identity as si
 from training.options import TrainingOptions
-from training.recipe import RECIPES, Recipe
+from training.recipe import DEFAULT_RECIPE, RECIPES, Recipe
 
 # training_options.json as train.py wrote it before TrainingOptions (commit 9a06e15), for
 #   --cfg=resume --batch=2 --kimg=0.4 --tick=0.05 --snap=1 --lora=1 --lpips=none --device=cpu --val-views=1
@@ -43,8 +43,9 @@ def test_train_py_records_the_same_options_as_before(tmp_path, tmp_path_factory,
     assert isinstance(c, TrainingOptions)
     train.write_options(c, str(tmp_path))
     written = json.load(open(tmp_path / 'training_options.json'))
-    # The default recipe itself changed after the record (issue 20: its rate and EMA); everything else must not.
-    default = RECIPES['adapter']
+    # The default recipe itself changed after the record (issue 20: its rate and EMA, then its step search and
+    # images per step); everything else must not.
+    default = RECIPES[DEFAULT_RECIPE]
     assert Recipe.from_dict(written.pop('recipe')) == default
     assert written.pop('G_opt_kwargs') == dict(class_name='torch.optim.Adam', lr=default.lr,
                                                betas=list(default.betas), eps=default.eps)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training import recipe as recipes
-from training.step_search import quadratic_minimum, rescale_step
+from training.step_search import quadratic_minimum, rescale_step, rescale_step_per_slot
 
 SEARCH_RECIPE = recipes.Recipe('search', lr=0.02, betas=(0.9, 0.99), warmup=0.25, decay='cosine', final_lr=0.0,
                                b_lr_ratio=4.0, ema_half_life=0.05, ema_rampup=0.5, step_search=2.0)
@@ -50,8 +50,8 @@ def test_rescaled_adam_step_lands_on_the_lines_minimum_of_a_quadratic_loss():
         assert factor != pytest.approx(1.0)
 
 
-def test_the_named_search_recipe_is_the_default_with_the_search_and_nothing_else():
-    default = recipes.get_recipe(recipes.DEFAULT_RECIPE)
+def test_the_named_search_recipe_is_adapter_with_the_search_and_nothing_else():
+    default = recipes.get_recipe('adapter')
     assert default.step_search is None
     assert recipes.get_recipe('adapter-search') == dataclasses.replace(default, name='adapter-search', step_search=2.0)
 
@@ -111,3 +111,60 @@ def test_the_second_forward_pass_reproduces_the_steps_loss_at_the_start(train_ti
     assert len(checked) == 4
     for again, start in checked:
         assert again == pytest.approx(start, rel=1e-5)
+
+
+def test_each_slot_lands_on_its_own_lines_minimum():
+    """Two adapters in one tensor (slots along the first dimension), each with its own quadratic loss: the
+    per-slot search puts each at the minimum of its own loss along its step, which one shared factor cannot."""
+    torch.manual_seed(1)
+    M = torch.randn(2, 12, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0], dtype=torch.float64).reshape(2, 1, 1)
+    y = torch.randn(2, 12, dtype=torch.float64)
+    p = torch.nn.Parameter(torch.randn(2, 5, dtype=torch.float64))
+    optimizer = torch.optim.Adam([p], lr=0.3)
+
+    def losses():
+        return ((torch.einsum('kij,kj->ki', M, p) - y) ** 2).sum(1)
+    optimizer.zero_grad()
+    start = losses()
+    start.sum().backward()
+    before, grads = [p.detach().clone()], [p.grad.clone()]
+    optimizer.step()
+    step = p.detach() - before[0]
+    factors = rescale_step_per_slot([p], before, grads, start.detach(), lambda: losses().detach(), max_factor=100.0)
+    assert torch.allclose(p.detach(), before[0] + factors.reshape(2, 1) * step)
+    with torch.no_grad():  # each slot's loss has zero derivative along its own step where it landed
+        residual = torch.einsum('kij,kj->ki', M, p) - y
+        for k in range(2):
+            assert float(2 * residual[k] @ (M[k] @ step[k])) == pytest.approx(0.0, abs=1e-9)
+    assert abs(float(factors[0] - factors[1])) > 0.05
+
+
+def test_with_two_identities_each_adapter_gets_its_own_search(tmp_path, tmp_path_factory, monkeypatch):
+    """A two-identity run of the default recipe searches per identity: each identity's loss, evaluated again at
+    the step's start, is the one its step began with, and the shared search is never used."""
+    from training import synthetic_identity as si
+    from training import training_loop as tl
+    people = si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'search-people-2'), count=2, views=4,
+                                heldout=0, strength=0.3)
+    calls = []
+
+    def checking(params, before, grads, losses_at_start, losses_after, max_factor):
+        with torch.no_grad():
+            stepped = [p.detach().clone() for p in params]
+            for p, b in zip(params, before):
+                p.copy_(b)
+            calls.append((losses_after().clone(), losses_at_start.clone()))
+            for p, s in zip(params, stepped):
+                p.copy_(s)
+        return rescale_step_per_slot(params, before, grads, losses_at_start, losses_after, max_factor)
+    monkeypatch.setattr('training.step_search.rescale_step_per_slot', checking)
+    monkeypatch.setattr('training.step_search.rescale_step', lambda *args: pytest.fail('shared search used'))
+    tl.training_loop(run_dir=str(tmp_path), training_set_kwargs=dict(path=people.people), resume_pkl=people.base_pkl,
+                     cfg='resume', neural_rendering_resolution=32, batch_size=4, batch_gpu=4, total_kimg=0.008,
+                     kimg_per_tick=0.004, network_snapshot_ticks=1, device='cpu', grid_rows=0, progress_bar=False,
+                     loss_kwargs=dict(lpips_net='none'), adapter_config=dict(r=1, alpha=1.0), val_views=0,
+                     recipe=recipes.get_recipe(recipes.DEFAULT_RECIPE).to_dict())
+    assert len(calls) == 4  # 8 images in steps of one image of each identity
+    for again, start in calls:
+        assert start.shape == (2,) and torch.allclose(again, start, rtol=1e-5, atol=0)
+        assert float(start[0]) != pytest.approx(float(start[1]))  # two people, two losses
