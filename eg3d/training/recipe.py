@@ -8,8 +8,9 @@ A recipe is plain data (`Recipe`, serialisable to a dict for training_options.js
   per step:   set_learning_rate(optimizer, recipe, cur_nimg, total_nimg)   # warm-up, then decay
               clip_gradients(trainable, recipe)        # after the all-reduce, before the step
 
-`RECIPES['my3dgen']` is the paper's (EG3D's G optimizer at a constant rate); `RECIPES['adapter']`,
-the default, was chosen by `bench/recipe.py` (docs/training.md, "Recipes").
+`RECIPES['my3dgen']` is the paper's (EG3D's G optimizer at a constant rate), a step per batch;
+`RECIPES['adapter-per-image']`, the default, was chosen by `bench/recipe.py` (docs/training.md, "Recipes"): it
+takes the batch one image of each identity at a time (step_batch).
 """
 
 import dataclasses

@@ -17,8 +17,9 @@ import suite_runner  # noqa: E402
 from suite_runner import Step, Verdict  # noqa: E402
 
 CHECKS = ['cuda_ops_tests', 'golden_on_cuda', 'fp16_adapters', 'train_and_render', 'ops_speed', 'adapters_speed',
-          'train_step_memory', 'multi_identity_speed', 'encoder_speed']
-BENCHMARKS = ['ops_speed', 'adapters_speed', 'train_step_memory', 'multi_identity_speed', 'encoder_speed']
+          'train_step_memory', 'multi_identity_speed', 'encoder_speed', 'per_image_steps']
+BENCHMARKS = ['ops_speed', 'adapters_speed', 'train_step_memory', 'multi_identity_speed', 'encoder_speed',
+              'per_image_steps']
 
 
 def python(code: str) -> list:
@@ -215,6 +216,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
         assert checks[name]['target_met'] is None and 'target not judged' in checks[name]['reason']
         assert any(ch.isdigit() for ch in checks[name]['figure'])
     assert 'LoRA' in checks['train_step_memory']['figure'] and 'K=2' in checks['multi_identity_speed']['figure']
+    assert 'ms per image in steps of 1 vs' in checks['per_image_steps']['figure']
     markdown = (out / 'summary.md').read_text()
     assert all(f'| {name}: ' in markdown for name in CHECKS)
     assert sorted(os.listdir(out)) == ['samples.png', 'steps.log', 'summary.json', 'summary.md']
