@@ -87,6 +87,23 @@ def test_resume_with_the_search_equals_the_uninterrupted_run(search_run, resume_
     resume_halfway(run, SEARCH_RECIPE.to_dict())
 
 
+def _recording_start_losses(search, records: list):
+    """`search` (rescale_step or rescale_step_per_slot) that first records (its loss function evaluated at the
+    step's start, the loss it was given for the start)."""
+    def recording(params, before, grads, loss_at_start, loss_after, max_factor):
+        with torch.no_grad():
+            stepped = [p.detach().clone() for p in params]
+            for p, b in zip(params, before):
+                p.copy_(b)
+            again = loss_after()
+            records.append((again.clone() if torch.is_tensor(again) else again,
+                            loss_at_start.clone() if torch.is_tensor(loss_at_start) else loss_at_start))
+            for p, s in zip(params, stepped):
+                p.copy_(s)
+        return search(params, before, grads, loss_at_start, loss_after, max_factor)
+    return recording
+
+
 ADALORA = dict(r=1, alpha=1.0, adalora=True, init_r=2, target_r=1, total_step=4, tinit=0, tfinal=0, delta_t=1)
 
 
@@ -96,17 +113,7 @@ def test_the_second_forward_pass_reproduces_the_steps_loss_at_the_start(train_ti
     """Evaluated at the parameters the step started from, the search's loss is the step's own loss: the same
     images, rays and noise, and (AdaLoRA) the orthogonality term."""
     checked = []
-
-    def checking(params, before, grads, loss_at_start, loss_after, max_factor):
-        with torch.no_grad():
-            stepped = [p.detach().clone() for p in params]
-            for p, b in zip(params, before):
-                p.copy_(b)
-            checked.append((loss_after(), loss_at_start))
-            for p, s in zip(params, stepped):
-                p.copy_(s)
-        return rescale_step(params, before, grads, loss_at_start, loss_after, max_factor)
-    monkeypatch.setattr('training.step_search.rescale_step', checking)
+    monkeypatch.setattr('training.step_search.rescale_step', _recording_start_losses(rescale_step, checked))
     train_tiny(tmp_path, SEARCH_RECIPE.to_dict(), adapter_config=adapter_config)
     assert len(checked) == 4
     for again, start in checked:
@@ -147,17 +154,8 @@ def test_with_two_identities_each_adapter_gets_its_own_search(tmp_path, tmp_path
     people = si.ensure_identity(str(tmp_path_factory.getbasetemp() / 'search-people-2'), count=2, views=4,
                                 heldout=0, strength=0.3)
     calls = []
-
-    def checking(params, before, grads, losses_at_start, losses_after, max_factor):
-        with torch.no_grad():
-            stepped = [p.detach().clone() for p in params]
-            for p, b in zip(params, before):
-                p.copy_(b)
-            calls.append((losses_after().clone(), losses_at_start.clone()))
-            for p, s in zip(params, stepped):
-                p.copy_(s)
-        return rescale_step_per_slot(params, before, grads, losses_at_start, losses_after, max_factor)
-    monkeypatch.setattr('training.step_search.rescale_step_per_slot', checking)
+    monkeypatch.setattr('training.step_search.rescale_step_per_slot',
+                        _recording_start_losses(rescale_step_per_slot, calls))
     monkeypatch.setattr('training.step_search.rescale_step', lambda *args: pytest.fail('shared search used'))
     tl.training_loop(run_dir=str(tmp_path), training_set_kwargs=dict(path=people.people), resume_pkl=people.base_pkl,
                      cfg='resume', neural_rendering_resolution=32, batch_size=4, batch_gpu=4, total_kimg=0.008,
