@@ -578,7 +578,7 @@ def main(outdir, base_pkl, data, seed, views, heldout, kimg, batch, lr, frames, 
     prepare_identity(paths, recipe, G_base)
     timings['data'] = time.time() - t0
 
-    step_images = step_batch(RECIPES[DEFAULT_RECIPE], batch, batch, 1, 1)[0]  # train.py's recipe takes it so
+    step_images = step_batch(RECIPES[DEFAULT_RECIPE], batch, batch, 1, 1)[0]  # train.py's default recipe's step
     steps = math.ceil(kimg * 1000 / step_images)
     say(f'==> [3/4] Training rank-1 LoRA adapters on CPU: {steps} steps of {step_images} image(s) ({kimg:g} kimg, '
         f'recipe {DEFAULT_RECIPE})')

@@ -176,6 +176,7 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(f'unknown recipe {name!r}; choose one of {", ".join(RECIPES)}')
     return RECIPES[name]
 
+
 def step_batch(recipe: Recipe, batch_size: int, batch_gpu: int, num_identities: int, num_gpus: int) -> Tuple[int, int]:
     """(images per optimizer step over all processes, images per forward pass per process) of a run with
     `batch_size` images per step as EG3D counts them (--batch) and `batch_gpu` per pass (--batch-gpu).

@@ -23,8 +23,8 @@ import torch
 
 from torch_utils import misc
 from training import adapters, step_search
-from training.adapters.inject import adapter_layers
 from training import recipe as recipes
+from training.adapters.inject import adapter_layers
 from training.loss import PersonalizationLoss
 from training.options import TrainingOptions
 from training.run_data import RunData

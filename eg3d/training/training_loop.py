@@ -2,7 +2,8 @@
 
     load or resume (starting_point) -> data (run_data) -> trainables: adapters, optimizer, allocator
     -> (a fresh run of a recipe with init='gradient': align the adapters with the first batch, gradient_init)
-    -> per step (train_step): batch (or a recipe's images per step) -> G.synthesis -> loss -> adapter gradients -> all-reduce -> Adam
+    -> per step (train_step): batch (or a recipe's images per step) -> G.synthesis -> loss -> adapter gradients
+       -> all-reduce -> Adam
     -> every tick (tick_stats): report; score the held-out views and keep the best files (snapshots,
        validation) -> early stop / snapshot
 
