@@ -3,7 +3,13 @@
 With `enabled = True` and a CUDA input, the convolutions run through a custom autograd op that
 supports gradients of any order and skips the weight gradient entirely inside
 `no_weight_gradients()` (used by R1 / path-length regularisation, and so that frozen weights
-cost nothing). Otherwise they are plain `torch.nn.functional` calls.
+cost nothing).
+
+On CPU, a grouped float32 convolution (the fused modulated convolution: one group per sample) sums
+its weight gradient in float64 and rounds once. oneDNN's grouped kernels sum in an order that
+depends on the CPU's vector width: an AVX2 CPU put that gradient 3 ulps from an AVX-512 CPU's, and
+from the official code's golden values. Rounded from float64, it is the float32 value of the exact
+sum on any CPU. Everything else is a plain `torch.nn.functional` call.
 """
 
 import contextlib
@@ -35,6 +41,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         op = _conv_op(transpose=False, weight_shape=weight.shape, stride=stride, padding=padding,
                       output_padding=0, dilation=dilation, groups=groups)
         return op.apply(input, weight, bias)
+    if _sums_weight_gradient_in_float64(input, weight, groups):
+        return _CpuGroupedConv.apply(input, weight, bias, False, stride, padding, 0, dilation, groups)
     return torch.nn.functional.conv2d(input=input, weight=weight, bias=bias, stride=stride,
                                       padding=padding, dilation=dilation, groups=groups)
 
@@ -46,12 +54,50 @@ def conv_transpose2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         op = _conv_op(transpose=True, weight_shape=weight.shape, stride=stride, padding=padding,
                       output_padding=output_padding, dilation=dilation, groups=groups)
         return op.apply(input, weight, bias)
+    if _sums_weight_gradient_in_float64(input, weight, groups):
+        return _CpuGroupedConv.apply(input, weight, bias, True, stride, padding, output_padding, dilation, groups)
     return torch.nn.functional.conv_transpose2d(input=input, weight=weight, bias=bias, stride=stride, padding=padding,
                                                 output_padding=output_padding, groups=groups, dilation=dilation)
 
 
 def _should_use_custom_op(input: torch.Tensor) -> bool:
     return enabled and torch.backends.cudnn.enabled and input.device.type == 'cuda'
+
+
+def _sums_weight_gradient_in_float64(input: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    return (groups > 1 and input.device.type == 'cpu' and weight.dtype == torch.float32 and weight.requires_grad
+            and torch.is_grad_enabled())
+
+
+class _CpuGroupedConv(torch.autograd.Function):
+    """A CPU convolution whose weight gradient is summed in float64; its output and input gradient are
+    torch's own float32 ones. Both gradients come from `convolution_backward`, which is differentiable
+    again."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, transpose, stride, padding, output_padding, dilation, groups):
+        stride, padding, output_padding, dilation = map(_pair, (stride, padding, output_padding, dilation))
+        ctx.save_for_backward(input, weight)
+        ctx.geometry = (stride, padding, dilation, transpose, output_padding, groups)
+        if transpose:
+            return torch.nn.functional.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                                        dilation)
+        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.ops.aten.convolution_backward(grad_output, input, weight, None, *ctx.geometry,
+                                                             [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.ops.aten.convolution_backward(grad_output.double(), input.double(), weight.double(),
+                                                              None, *ctx.geometry, [False, True, False])[1]
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum([0, 2, 3])
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _pair(v: _IntOrPair) -> tuple:
