@@ -5,6 +5,7 @@ Command-line interface only: checks the inputs, builds the run's `TrainingOption
 process that `torchrun` started. See docs/training.md.
 """
 
+import faulthandler
 import json
 import math
 import os
@@ -46,11 +47,14 @@ def subprocess_fn(rank: int, c: TrainingOptions, temp_dir: str) -> None:
     """One process of a `--gpus=N` run started by torch.multiprocessing.spawn."""
     _init_process(c, rank, rank, c.num_gpus)
     if c.num_gpus > 1:
+        faulthandler.enable()  # a rank killed by a signal (a C++ abort, a segfault) prints its threads' Python stacks
         init_method = f'file://{os.path.abspath(os.path.join(temp_dir, ".torch_distributed_init"))}'
         torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo',
                                              init_method=init_method, rank=rank, world_size=c.num_gpus)
     try:
         training_loop.run(c, rank=rank, local_rank=rank)
+        if c.num_gpus > 1:
+            torch.distributed.barrier()  # all ranks done (rank 0 writes the last files) before any disconnects
     finally:
         if c.num_gpus > 1:
             torch.distributed.destroy_process_group()
@@ -69,6 +73,7 @@ def launch_training(c: TrainingOptions, desc: str, outdir: str, dry_run: bool) -
     env = _torchrun_env()
     if env:  # torchrun: this process is one rank; rank 0 picks the run directory.
         _init_process(c, env['rank'], env['local_rank'], env['local_world_size'])
+        faulthandler.enable()  # as a spawned rank: a crash prints its threads' Python stacks
         torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo', init_method='env://')
         holder = [None]
         if env['rank'] == 0:
@@ -81,6 +86,7 @@ def launch_training(c: TrainingOptions, desc: str, outdir: str, dry_run: bool) -
             if holder[0] is not None:
                 c.run_dir = holder[0]
                 training_loop.run(c, rank=env['rank'], local_rank=env['local_rank'])
+            torch.distributed.barrier()  # all ranks done (rank 0 writes the last files) before any disconnects
         finally:
             torch.distributed.destroy_process_group()
         return

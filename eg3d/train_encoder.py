@@ -5,6 +5,7 @@ Command-line interface only: checks the inputs, builds a plain options dict and 
 each process that `torchrun` started (as train.py). See docs/encoder.md.
 """
 
+import faulthandler
 import json
 import os
 
@@ -35,11 +36,14 @@ def subprocess_fn(rank: int, c: dnnlib.EasyDict, temp_dir: str) -> None:
     """One process of a `--gpus=N` run started by torch.multiprocessing.spawn."""
     _init_process(c, rank, c.num_gpus)
     if c.num_gpus > 1:
+        faulthandler.enable()  # a rank killed by a signal (a C++ abort, a segfault) prints its threads' Python stacks
         init_method = f'file://{os.path.abspath(os.path.join(temp_dir, ".torch_distributed_init"))}'
         torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo',
                                              init_method=init_method, rank=rank, world_size=c.num_gpus)
     try:
         training_loop(rank=rank, local_rank=rank, **c)
+        if c.num_gpus > 1:
+            torch.distributed.barrier()  # all ranks done (rank 0 writes the last files) before any disconnects
     finally:
         if c.num_gpus > 1:
             torch.distributed.destroy_process_group()
@@ -49,6 +53,7 @@ def launch(c: dnnlib.EasyDict, outdir: str, desc: str) -> None:
     env = _torchrun_env()
     if env:  # torchrun: this process is one rank; rank 0 picks the run directory.
         _init_process(c, env['local_rank'], env['local_world_size'])
+        faulthandler.enable()  # as a spawned rank: a crash prints its threads' Python stacks
         torch.distributed.init_process_group(backend='nccl' if c.device == 'cuda' else 'gloo', init_method='env://')
         holder = [make_run_dir(outdir, desc) if env['rank'] == 0 else None]
         if env['rank'] == 0:
@@ -56,6 +61,7 @@ def launch(c: dnnlib.EasyDict, outdir: str, desc: str) -> None:
         torch.distributed.broadcast_object_list(holder, src=0)
         try:
             training_loop(run_dir=holder[0], rank=env['rank'], local_rank=env['local_rank'], **c)
+            torch.distributed.barrier()  # all ranks done (rank 0 writes the last files) before any disconnects
         finally:
             torch.distributed.destroy_process_group()
         return
