@@ -8,8 +8,8 @@ cost nothing).
 On CPU, a grouped float32 convolution (the fused modulated convolution: one group per sample) sums
 its weight gradient in float64 and rounds once. oneDNN's grouped kernels sum in an order that
 depends on the CPU's vector width: an AVX2 CPU put that gradient 3 ulps from an AVX-512 CPU's, and
-from the official code's golden values. Rounded from float64, it is the float32 value of the exact
-sum on any CPU. Everything else is a plain `torch.nn.functional` call.
+from the official code's golden values. Rounded once from float64, it is the float32 rounding of
+the exact sum on any CPU (up to float64's own rounding). Everything else is a plain `torch.nn.functional` call.
 """
 
 import contextlib
