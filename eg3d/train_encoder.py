@@ -19,6 +19,7 @@ from training.encoder import files
 from training.encoder.data import FolderSet
 from training.encoder import resnet_backbone
 from training.encoder.networks import BACKBONES
+from training.encoder.replay import default_updates
 from training.encoder.resnet_backbone import BackboneWeightsError
 from training.encoder.training_loop import training_loop
 
@@ -114,8 +115,9 @@ def parse_folders(value) -> list:
 @click.option('--latent-only', 'latent_only', is_flag=True,
               help='Train on the latent loss alone (and the converged term): no pass back through the generator, '
                    'no last render (CPU budgets)')
-@click.option('--replay', type=click.IntRange(min=0), default=0, show_default=True,
-              help='Extra latent-loss updates per step on stored ReStyle states (cheap; for CPU budgets)')
+@click.option('--replay', type=click.IntRange(min=0), default=None,
+              help='Extra latent-loss updates per step on stored ReStyle states, no renders  [default: about 4/3 '
+                   'draws per stored example, 8 at 5 iterations; with --resume, the resumed run\'s]')
 @click.option('--lr', type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
               help='Adam learning rate')
 @click.option('--nrr', 'neural_rendering_resolution', type=click.IntRange(min=8), default=None,
@@ -166,11 +168,14 @@ def main(network_pkl, outdir, kimg, batch, batch_gpu, gpus, snap, iters, lpips_n
         if latent_only and not bool(folder_set.has_ws.any()):
             raise inf.InputError('--latent-only trains on known latents, and no --data photo has one '
                                  '(image_N_latent.npy beside image_N.png)')
+    resumed_training = None
     if resume:
         try:
-            files.load(resume, G)
+            _, _, resumed_training = files.load(resume, G)
         except files.EncoderFileError as err:
             raise inf.InputError(f'--resume: {err}') from err
+    if replay is None:  # a resumed run keeps its replay, so that it continues exactly
+        replay = resumed_training.get('replay', 0) if resumed_training else default_updates(iters)
     if backbone_weights:
         try:
             resnet_backbone.load_imagenet(*resnet_backbone.build(), backbone_weights)  # the backbone alone

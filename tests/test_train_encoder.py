@@ -1,4 +1,5 @@
 """train_encoder.py: the encoder's command line (resume, input checks before work)."""
+import json
 import shutil
 
 import numpy as np
@@ -42,6 +43,23 @@ def test_resume_equals_an_uninterrupted_run(tiny_identity, tmp_path):
     log = (resumed.parent / 'log.txt').read_text()
     assert 'Restored optimizer state' in log
     assert 'by heart' not in log  # --replay=1 with 2 iterations: a third of a draw per example
+
+
+def test_replay_defaults_to_four_thirds_draws_and_a_resumed_run_keeps_its_own(tiny_identity, tmp_path):
+    base = tiny_identity / 'base.pkl'
+    no_replay = [a for a in FAST if not a.startswith('--replay')]   # 2 iterations: 4 * 3 // 3 = 4 updates
+    fresh = run(['--network', base, '--outdir', tmp_path / 'fresh', '--kimg=0.001', *no_replay])
+    assert fresh.exit_code == 0, fresh.output
+    options, = (tmp_path / 'fresh').glob('*/training_options.json')
+    assert json.loads(options.read_text())['replay'] == 4
+
+    first = run(['--network', base, '--outdir', tmp_path / 'runs', '--kimg=0.001', *FAST])   # --replay=1
+    assert first.exit_code == 0, first.output
+    half, = encoder_files(tmp_path / 'runs')
+    resumed = run(['--network', base, '--outdir', tmp_path / 'runs', '--kimg=0.002', '--resume', half, *no_replay])
+    assert resumed.exit_code == 0, resumed.output
+    runs = sorted((tmp_path / 'runs').glob('*/training_options.json'))
+    assert [json.loads(p.read_text())['replay'] for p in runs] == [1, 1]
 
 
 def write_bad_folder(folder, base_pkl):

@@ -26,6 +26,14 @@ from training.encoder.restyle import Iteration
 FIELDS = ('inputs', 'cameras', 'ws', 'targets')
 # Above this many draws per stored example the training loop warns that the encoder will memorize the buffer.
 MEMORIZING_DRAWS = 2.0
+# train_encoder.py's default: about 4/3 draws per example, the replay of encoder rounds 5-9 (docs/benchmarks.md).
+DEFAULT_DRAWS = (4, 3)
+
+
+def default_updates(iters: int) -> int:
+    """Replay updates per step that draw each stored example about 4/3 times: 8 at 5 iterations."""
+    numerator, denominator = DEFAULT_DRAWS
+    return numerator * (iters + 1) // denominator
 
 
 def draws_per_example(replay: int, iters: int) -> float:
