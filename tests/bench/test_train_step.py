@@ -1,13 +1,16 @@
 """bench/train_step.py: the CPU peak of live tensor bytes that stands in for CUDA's peak allocated memory."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / 'bench'
-sys.path.insert(0, str(BENCH_DIR))
-
-from train_step import peak_tensor_bytes  # noqa: E402
+# Loaded from its file: with bench/ first on sys.path, `import viewer` in later test modules would find
+# bench/viewer.py instead of eg3d/viewer.py.
+_SPEC = importlib.util.spec_from_file_location('bench_train_step',
+                                               Path(__file__).resolve().parents[2] / 'bench' / 'train_step.py')
+train_step = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(train_step)
+peak_tensor_bytes = train_step.peak_tensor_bytes
 
 MIB = 1 << 20
 
